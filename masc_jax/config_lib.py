@@ -1,0 +1,187 @@
+"""Configs: found by name, loaded from files, validated before anything runs.
+
+``--config`` takes a registered name (``cifar100``, ``cifar10``, ``digits``,
+``tiny``), ``NAME:ARG`` for a variant, or a path to a ``get_config()`` file
+(``path.py[:ARG]``). ``validate`` checks every field at once and raises one
+``ConfigError`` that lists every problem it found.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from masc_jax import agents, losses, models
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+REGISTERED = ("cifar100", "cifar10", "digits", "tiny")
+RA_TEACHERS = ("self", "collective", "none")
+DATASET_CLASSES = {"cifar100": 100, "cifar10": 10, "digits": 10}
+DATASET_IMAGE_HW = {"cifar100": (32, 32), "cifar10": (32, 32), "digits": (8, 8)}
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message lists every problem."""
+
+
+def resolve_config_spec(spec: str) -> str:
+  """``NAME[:ARG]`` or ``PATH[:ARG]`` -> ``PATH[:ARG]`` for ml_collections' config flag.
+
+  Raises:
+    ConfigError: for a name that is neither registered nor an existing file.
+  """
+  name, sep, arg = spec.partition(":")
+  if name in REGISTERED:
+    return os.path.join(CONFIG_DIR, f"{name}.py") + sep + arg
+  if os.path.isfile(name):
+    return spec
+  raise ConfigError(f"unknown config {name!r}: use one of {', '.join(REGISTERED)} "
+                    "(optionally NAME:ARG) or a path to a config .py file with get_config()")
+
+
+def config_name(spec: str) -> str:
+  """A short name for a config spec (for the default workdir)."""
+  name, _, arg = spec.partition(":")
+  base = os.path.splitext(os.path.basename(name))[0]
+  return base + (f"_{arg}" if arg else "")
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Load a config by name/path and apply ``FIELD=VALUE`` overrides (for code and tests).
+
+  Overrides follow ``--config.FIELD=VALUE`` semantics: the field must exist and
+  the value is parsed to the field's type.
+  """
+  from ml_collections import config_flags
+  from absl import flags
+
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True)
+  argv = ["masc", f"--config={resolve_config_spec(spec)}"] + [f"--config.{o}" for o in overrides]
+  try:
+    flag_values(argv)
+  except flags.Error as e:
+    raise ConfigError(str(e)) from None
+  return flag_values.config
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise ``ConfigError`` listing every field that cannot work.
+
+  Checks types, ranges, enum values, that K divides the classes and that the
+  networks' pools fit the input size. Data-dependent checks (batch size vs an
+  agent's data) are in ``check_against_data``.
+  """
+  errors: list[str] = []
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      errors.append(message)
+
+  def positive_int(path: str, value: Any, minimum: int = 1) -> bool:
+    ok = _is_int(value) and value >= minimum
+    need(ok, f"{path} must be an integer >= {minimum}, got {value!r}")
+    return ok
+
+  def number(path: str, value: Any, low: float | None = None, high: float | None = None,
+             low_open: bool = False) -> None:
+    ok = _is_number(value)
+    if ok and low is not None:
+      ok = value > low if low_open else value >= low
+    if ok and high is not None:
+      ok = value <= high
+    bounds = (f" in {'(' if low_open else '['}{low}, {high if high is not None else 'inf'}"
+              f"{']' if high is not None else ')'}" if low is not None else "")
+    need(ok, f"{path} must be a number{bounds}, got {value!r}")
+
+  def one_of(path: str, value: Any, choices: Sequence[str]) -> None:
+    need(value in choices, f"{path} must be one of {', '.join(choices)}, got {value!r}")
+
+  one_of("dataset", config.dataset, tuple(DATASET_CLASSES))
+  k_ok = positive_int("num_agents", config.num_agents)
+  if config.dataset in DATASET_CLASSES and k_ok:
+    c = DATASET_CLASSES[config.dataset]
+    need(c % config.num_agents == 0 and config.num_agents <= c,
+         f"num_agents={config.num_agents} does not divide the {c} classes of {config.dataset}: "
+         f"use one of {[k for k in range(1, c + 1) if c % k == 0]}")
+  need(_is_int(config.class_order_seed) and config.class_order_seed >= -1,
+       f"class_order_seed must be -1 (label order) or a seed >= 0, got {config.class_order_seed!r}")
+  positive_int("augment.crop_padding", config.augment.crop_padding, minimum=0)
+  need(isinstance(config.augment.flip, bool), f"augment.flip must be True or False, got {config.augment.flip!r}")
+
+  m = config.model
+  for name in ("expert_widths", "collective_widths"):
+    widths = tuple(getattr(m, name))
+    if not widths or not all(_is_int(w) and w >= 1 for w in widths):
+      errors.append(f"model.{name} must be a non-empty list of positive integers, got {widths!r}")
+    elif config.dataset in DATASET_IMAGE_HW:
+      try:
+        models.feature_map_sizes(DATASET_IMAGE_HW[config.dataset], len(widths), tuple(m.pool_after))
+      except ValueError as e:
+        errors.append(f"model.{name} with model.pool_after: {e}")
+  hidden = tuple(m.head_hidden)
+  need(all(_is_int(h) and h >= 1 for h in hidden),
+       f"model.head_hidden must be positive integers, got {hidden!r}")
+  number("model.dropout_rate", m.dropout_rate, 0.0, 1.0)
+  if _is_number(m.dropout_rate):
+    need(m.dropout_rate < 1.0, f"model.dropout_rate must be < 1, got {m.dropout_rate!r}")
+  one_of("model.conv_impl", m.conv_impl, models.CONV_IMPLS)
+
+  o = config.optim
+  number("optim.learning_rate", o.learning_rate, 0.0, low_open=True)
+  number("optim.momentum", o.momentum, 0.0, 1.0)
+  number("optim.weight_decay", o.weight_decay, 0.0)
+  number("optim.grad_clip_norm", o.grad_clip_norm, 0.0)
+  positive_int("batch_size", config.batch_size)
+  positive_int("eval_batch_size", config.eval_batch_size)
+  for stage in ("experts", "collective", "altruism"):
+    positive_int(f"epochs.{stage}", config.epochs[stage])
+
+  lo = config.loss
+  one_of("loss.kd_teachers", lo.kd_teachers, losses.KD_TEACHERS)
+  one_of("loss.ra_teacher", lo.ra_teacher, RA_TEACHERS)
+  number("loss.kd_weight", lo.kd_weight, 0.0)
+  number("loss.ra_kd_weight", lo.ra_kd_weight, 0.0)
+  number("loss.kd_temperature", lo.kd_temperature, 0.0, low_open=True)
+  number("loss.align_weight", lo.align_weight, 0.0)
+  number("loss.energy_anchor", lo.energy_anchor)
+  number("loss.energy_temperature", lo.energy_temperature, 0.0, low_open=True)
+  need(isinstance(config.ablations, bool), f"ablations must be True or False, got {config.ablations!r}")
+
+  positive_int("seed", config.seed, minimum=0)
+  one_of("agent_map", config.agent_map, agents.AGENT_MAP_STRATEGIES)
+  positive_int("num_devices", config.num_devices, minimum=0)
+  positive_int("agent_axis_size", config.agent_axis_size, minimum=0)
+  positive_int("log_every_steps", config.log_every_steps)
+  positive_int("checkpoint_every_steps", config.checkpoint_every_steps)
+  positive_int("keep_checkpoints", config.keep_checkpoints)
+  need(_is_int(config.debug_nan_step) and config.debug_nan_step >= -1,
+       f"debug_nan_step must be -1 (off) or a step >= 0, got {config.debug_nan_step!r}")
+  if errors:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def check_against_data(config: ml_collections.ConfigDict, agent_train_sizes: Sequence[int],
+                       pooled_train_size: int) -> None:
+  """Data-dependent checks: every agent must fill at least one batch."""
+  errors = []
+  for k, n in enumerate(agent_train_sizes):
+    if n < config.batch_size:
+      errors.append(f"agent {k} has {n} training images, fewer than batch_size={config.batch_size}: "
+                    f"use --config.batch_size={min(agent_train_sizes)} or smaller")
+  if pooled_train_size < config.batch_size:
+    errors.append(f"the pooled data has {pooled_train_size} images, fewer than batch_size={config.batch_size}")
+  if errors:
+    raise ConfigError("invalid config for this data:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,79 @@
+"""Fields shared by every config: the defaults of the spec (../shared/MASC_SPEC.md).
+
+Dataset configs start from ``base_config()`` and change what their protocol
+needs. Every field is documented here; ``masc_jax.config_lib.validate``
+checks them all before a run writes anything.
+"""
+
+import ml_collections
+
+# The spec's VGG widths [ref]: 13 conv blocks, pools after blocks 1, 3, 6, 9, 12.
+EXPERT_WIDTHS = (64, 64, 64, 64, 128, 128, 128, 256, 256, 256, 256, 256, 256)
+COLLECTIVE_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+POOL_AFTER = (1, 3, 6, 9, 12)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The paper's protocol on CIFAR-100; dataset configs override what differs."""
+  config = ml_collections.ConfigDict()
+
+  # Data.
+  config.dataset = "cifar100"          # cifar100 | cifar10 | digits
+  config.data_dir = ""                 # TFDS data dir; "" = $TFDS_DATA_DIR or TFDS's default
+  config.num_agents = 4                # K; the classes split into K equal groups
+  config.class_order_seed = -1         # -1: label order; else a seeded class permutation
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_padding = 4      # random crop after zero padding (0 = off)
+  config.augment.flip = True           # random horizontal flip
+
+  # Networks.
+  config.model = ml_collections.ConfigDict()
+  config.model.expert_widths = EXPERT_WIDTHS
+  config.model.collective_widths = COLLECTIVE_WIDTHS
+  config.model.pool_after = POOL_AFTER
+  config.model.head_hidden = (1024, 1024)
+  config.model.dropout_rate = 0.5
+  config.model.conv_impl = "auto"      # auto | xla | im2col (see models.conv3x3)
+
+  # Optimisation [ref]: SGD, coupled weight decay, no schedule.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 0.005
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 5e-4
+  config.optim.grad_clip_norm = 0.0    # > 0: clip each model's global gradient norm
+  config.batch_size = 32               # per agent (stages 1 and 3) and for the collective (stage 2)
+  config.eval_batch_size = 500
+
+  config.epochs = ml_collections.ConfigDict()
+  config.epochs.experts = 100
+  config.epochs.collective = 100
+  config.epochs.altruism = 100
+
+  # Losses (spec: L_CC and L_RA).
+  config.loss = ml_collections.ConfigDict()
+  config.loss.kd_teachers = "owner"    # owner | amalgamate | all
+  config.loss.kd_weight = 1.0
+  config.loss.kd_temperature = 1.0
+  config.loss.align_weight = 0.1
+  config.loss.energy_anchor = -10.0
+  config.loss.energy_temperature = 1.0
+  config.loss.ra_teacher = "self"      # self (A_k) | collective (S) | none
+  config.loss.ra_kd_weight = 1.0
+
+  # Also train the CE-only collective and RA on it: the paper's ablation rows.
+  config.ablations = True
+
+  # Execution.
+  config.seed = 0
+  config.agent_map = "auto"            # auto | vmap | unroll
+  config.num_devices = 0               # 0: every visible device
+  config.agent_axis_size = 0           # devices along the mesh's agent axis; 0: largest that divides K
+
+  # Logging and checkpoints.
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 2
+
+  # Fault injection for tests: poison the loss at this global step (-1: never).
+  config.debug_nan_step = -1
+  return config

@@ -1,0 +1,34 @@
+"""Offline demo: scikit-learn's bundled 8x8 digits, K=5 agents x 2 classes.
+
+    python -m masc_jax.main --config=digits
+
+Needs no download. Small VGG widths that fit 8x8 inputs (two pools: 8 -> 4 -> 2).
+About a minute on a 2-core CPU, compile included (README "Results" has the
+measured time and table).
+"""
+
+from masc_jax.configs import common
+
+
+def get_config(arg: str | None = None):
+  if arg:
+    raise ValueError(f"digits config takes no argument, got {arg!r}")
+  config = common.base_config()
+  config.dataset = "digits"
+  config.num_agents = 5
+  config.augment.crop_padding = 1      # 8x8 images: a 1-pixel jitter
+  config.augment.flip = False          # digits are not mirror-symmetric
+  config.model.expert_widths = (16, 16, 32, 32)
+  config.model.collective_widths = (32, 32, 64, 64)
+  config.model.pool_after = (1, 3)
+  config.model.head_hidden = (128,)
+  config.model.dropout_rate = 0.2
+  config.optim.learning_rate = 0.05
+  config.batch_size = 32
+  config.eval_batch_size = 500
+  config.epochs.experts = 30
+  config.epochs.collective = 30
+  config.epochs.altruism = 30
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  return config

@@ -1,0 +1,187 @@
+"""The spec's VGG-style network ("Netwider"), as a backbone and a head.
+
+A network is 13 (or any number of) blocks ``conv3x3(bias) -> BatchNorm -> ReLU``
+with a 2x2 max-pool after the blocks listed in ``pool_after``, flattened, then
+a head ``Dense -> ReLU -> Dropout`` (per hidden layer) ``-> Dense(C)``.
+Outputs are **logits**: no softmax anywhere (see BUILD_NOTES.md).
+
+``Backbone`` and ``Head`` are separate modules because reciprocal altruism
+puts a fresh head on the collective's frozen backbone. ``Network`` composes
+them under the variable names ``backbone`` and ``head``, so
+``variables["params"]["backbone"]`` is exactly what ``Backbone`` expects.
+
+BatchNorm state lives in the ``batch_stats`` collection and is threaded
+functionally: ``apply(..., train=True, mutable=["batch_stats"])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+# PyTorch's default init for conv and linear weights (kaiming_uniform with
+# a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1/(3 fan_in).
+# We use the same so the PyTorch reference in benchmarks/ starts alike.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# At or below this many output pixels, "auto" computes a 3x3 convolution as one
+# matrix multiply over im2col patches. XLA:CPU runs 3x3 kernels on tiny maps
+# (2x2, mostly padding) very slowly; a matmul of the same values is fast on
+# every backend. See BUILD_NOTES.md "Performance" for the measurements.
+IM2COL_MAX_PIXELS = 16
+
+
+def im2col_3x3(x: jax.Array) -> jax.Array:
+  """SAME-padded 3x3 patches: ``[..., H, W, C] -> [..., H, W, 9*C]``.
+
+  Tap ``(i, j)`` of the kernel lands at channels ``(3*i + j)*C .. +C``, which is
+  the order of ``kernel.reshape(9*C, F)`` for an HWIO kernel.
+  """
+  *_, h, w, _ = x.shape
+  pad = [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
+  xp = jnp.pad(x, pad)
+  taps = [xp[..., i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+  return jnp.concatenate(taps, axis=-1)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
+  """3x3, stride 1, SAME convolution without bias.
+
+  Args:
+    x: ``[B, H, W, Cin]`` (any number of leading batch dims for ``im2col``).
+    kernel: ``[3, 3, Cin, Cout]`` (HWIO).
+    impl: ``xla`` (``lax.conv_general_dilated``), ``im2col`` (patches @ kernel)
+      or ``auto`` (im2col for maps of at most ``IM2COL_MAX_PIXELS`` pixels).
+
+  Returns:
+    ``[B, H, W, Cout]``, equal in value (to float rounding) for every impl.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+  h, w, cin = x.shape[-3:]
+  if impl == "auto":
+    impl = "im2col" if h * w <= IM2COL_MAX_PIXELS else "xla"
+  if impl == "im2col":
+    return im2col_3x3(x) @ kernel.reshape(9 * cin, kernel.shape[-1])
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv3x3(nn.Module):
+  """3x3 SAME convolution with bias; ``impl`` picks how it is computed."""
+  features: int
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", torch_default_kernel_init,
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return conv3x3(x, kernel, self.impl) + bias
+
+
+class Backbone(nn.Module):
+  """Conv blocks: ``[B, H, W, C] -> [B, F]`` features (flattened last map).
+
+  Attributes:
+    widths: output channels of each conv block.
+    pool_after: 0-based block indices followed by a 2x2/2 max-pool.
+    conv_impl: see ``conv3x3``.
+  """
+  widths: Sequence[int]
+  pool_after: Sequence[int]
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for i, width in enumerate(self.widths):
+      x = Conv3x3(width, impl=self.conv_impl, name=f"conv{i}")(x)
+      # momentum=0.9 here is PyTorch's momentum=0.1 (the update weight of the new batch).
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       name=f"bn{i}")(x)
+      x = nn.relu(x)
+      if i in self.pool_after:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return x.reshape(x.shape[:-3] + (-1,))
+
+
+class Head(nn.Module):
+  """Classifier: ``[B, F] -> [B, num_classes]`` logits."""
+  hidden: Sequence[int]
+  num_classes: int
+  dropout_rate: float = 0.5
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool) -> jax.Array:
+    x = features
+    for i, width in enumerate(self.hidden):
+      x = nn.Dense(width, kernel_init=torch_default_kernel_init, name=f"dense{i}")(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=torch_default_kernel_init,
+                    name="logits")(x)
+
+
+class Network(nn.Module):
+  """Backbone + head: ``[B, H, W, C] -> [B, num_classes]`` logits."""
+  widths: Sequence[int]
+  pool_after: Sequence[int]
+  head_hidden: Sequence[int]
+  num_classes: int
+  dropout_rate: float = 0.5
+  conv_impl: str = "auto"
+
+  def setup(self):
+    self.backbone = Backbone(self.widths, self.pool_after, self.conv_impl)
+    self.head = Head(self.head_hidden, self.num_classes, self.dropout_rate)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return self.head(self.backbone(x, train), train)
+
+
+def backbone_of(network: Network) -> Backbone:
+  """A standalone ``Backbone`` with ``network``'s fields (applies to ``params["backbone"]``)."""
+  return Backbone(network.widths, network.pool_after, network.conv_impl, parent=None)
+
+
+def head_of(network: Network) -> Head:
+  """A standalone ``Head`` with ``network``'s fields (a new RA head on its backbone)."""
+  return Head(network.head_hidden, network.num_classes, network.dropout_rate, parent=None)
+
+
+def feature_map_sizes(image_hw: tuple[int, int], num_blocks: int,
+                      pool_after: Sequence[int]) -> list[tuple[int, int]]:
+  """Spatial size after each block; raises ValueError if a pool leaves < 1x1."""
+  h, w = image_hw
+  bad = [p for p in pool_after if not 0 <= p < num_blocks]
+  if bad:
+    raise ValueError(f"pool_after {tuple(pool_after)} names blocks {bad} outside 0..{num_blocks - 1}")
+  sizes = []
+  for i in range(num_blocks):
+    if i in pool_after:
+      h, w = h // 2, w // 2
+      if h < 1 or w < 1:
+        raise ValueError(
+            f"the 2x2 max-pool after block {i} shrinks a {image_hw[0]}x{image_hw[1]} input "
+            f"below 1x1: use fewer pools (pool_after={tuple(pool_after)}) for this input size")
+    sizes.append((h, w))
+  return sizes
+
+
+def make_network(model_config: Any, num_classes: int, widths: Sequence[int]) -> Network:
+  """A ``Network`` from a config's ``model`` section and a width list."""
+  return Network(widths=tuple(widths), pool_after=tuple(model_config.pool_after),
+                 head_hidden=tuple(model_config.head_hidden), num_classes=num_classes,
+                 dropout_rate=model_config.dropout_rate, conv_impl=model_config.conv_impl)
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter pytree."""
+  return sum(int(x.size) for x in jax.tree.leaves(params))

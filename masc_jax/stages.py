@@ -1,0 +1,261 @@
+"""The three stages' train steps and the evaluation step, as pure functions.
+
+Each train step is ``(state, batch, rng[, frozen]) -> (state, metrics)``; the
+fixed dependencies (networks, optimiser, augmentation, loss settings, agent
+strategy) are keyword arguments bound with ``functools.partial`` before
+``jax.jit``. Frozen models (teachers, S's backbone) are passed as arguments,
+not bound, so they are inputs of the compiled program and not constants.
+
+Shapes: ``K`` agents, ``B`` batch, ``C`` classes, images ``[..., H, W, Ch]`` uint8.
+  stage 1 (experts):     state stacked [K, ...], batch image [K, B, H, W, Ch], label [K, B]
+  stage 2 (collective):  state of S,             batch image [B, H, W, Ch],    label [B]
+  stage 3 (altruism):    state stacked [K, ...] (heads), batch as stage 1
+Metrics are per agent ``[K]`` (stages 1, 3) or scalars (stage 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from masc_jax import agents, losses, routing
+
+PyTree = Any
+Augment = Callable[[jax.Array, jax.Array], jax.Array]   # (uint8 images, rng) -> float32
+
+
+@flax.struct.dataclass
+class ModelState:
+  """What training changes in one model (or K stacked models)."""
+  params: PyTree
+  batch_stats: PyTree      # {} for heads, which have no BatchNorm
+  opt_state: PyTree
+
+  def variables(self) -> dict[str, PyTree]:
+    """The Flax variables for ``apply`` (params and BatchNorm statistics)."""
+    if self.batch_stats:
+      return {"params": self.params, "batch_stats": self.batch_stats}
+    return {"params": self.params}
+
+
+def make_optimizer(optim_config: Any) -> optax.GradientTransformation:
+  """SGD with momentum and weight decay added to the gradient (PyTorch's coupled decay).
+
+  Order as in PyTorch: optional global-norm clipping of the raw gradient, then
+  ``g + wd * p``, then the momentum trace and the learning rate.
+  """
+  parts = []
+  if optim_config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+  parts.append(optax.add_decayed_weights(optim_config.weight_decay))
+  parts.append(optax.sgd(optim_config.learning_rate, momentum=optim_config.momentum or None))
+  return optax.chain(*parts)
+
+
+def init_model_state(module: nn.Module, rng: jax.Array, sample_input: jax.Array,
+                     tx: optax.GradientTransformation) -> ModelState:
+  """Initialise one model's params, BatchNorm statistics and optimiser state."""
+  variables = module.init({"params": rng}, sample_input, train=False)
+  params = variables["params"]
+  return ModelState(params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params))
+
+
+def _update(state: ModelState, grads: PyTree, batch_stats: PyTree,
+            tx: optax.GradientTransformation) -> ModelState:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return ModelState(params=optax.apply_updates(state.params, updates),
+                    batch_stats=batch_stats, opt_state=opt_state)
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def expert_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array, *,
+                network: nn.Module, tx: optax.GradientTransformation, augment: Augment,
+                strategy: str = "auto") -> tuple[ModelState, dict[str, jax.Array]]:
+  """Stage 1: every agent takes one SGD step of cross-entropy on its own batch.
+
+  Args:
+    state: stacked ``[K, ...]`` expert states.
+    batch: ``image [K, B, H, W, Ch]`` uint8, ``label [K, B]`` int.
+    rng: step key; split into one key per agent (augmentation, dropout).
+
+  Returns:
+    new stacked state, metrics ``ce``, ``total``, ``accuracy`` each ``[K]``.
+  """
+  def one_agent(state_k, images, labels, rng_k):
+    aug_rng, dropout_rng = jax.random.split(rng_k)
+    x = augment(images, aug_rng)
+
+    def loss_fn(params):
+      logits, new_vars = network.apply(
+          {"params": params, "batch_stats": state_k.batch_stats}, x, train=True,
+          mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+      return losses.cross_entropy(logits, labels), (new_vars["batch_stats"], logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state_k.params)
+    metrics = {"ce": loss, "total": loss, "accuracy": _accuracy(logits, labels)}
+    return _update(state_k, grads, batch_stats, tx), metrics
+
+  num_agents = batch["label"].shape[0]
+  rngs = jax.random.split(rng, num_agents)
+  return agents.agent_map(one_agent, strategy=strategy)(state, batch["image"], batch["label"], rngs)
+
+
+def collective_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array,
+                    teachers: dict[str, PyTree] | None, *, network: nn.Module,
+                    teacher_network: nn.Module | None, tx: optax.GradientTransformation,
+                    augment: Augment, class_owner: jax.Array, loss_config: Any,
+                    strategy: str = "auto") -> tuple[ModelState, dict[str, jax.Array]]:
+  """Stage 2: the collective S takes one step of L_CC on a pooled batch.
+
+  Args:
+    state: S's state.
+    batch: ``image [B, H, W, Ch]`` uint8, ``label [B]``.
+    rng: step key (augmentation, dropout).
+    teachers: stacked ``[K, ...]`` frozen expert variables, or ``None`` when
+      ``loss_config.kd_weight == 0`` (then the KD term is skipped and reported 0).
+    class_owner: ``[C]`` owner agent of each class.
+    loss_config: the config's ``loss`` section.
+
+  Returns:
+    new state, scalar metrics ``ce``, ``kd``, ``align``, ``total``, ``accuracy``.
+  """
+  aug_rng, dropout_rng = jax.random.split(rng)
+  x = augment(batch["image"], aug_rng)
+  labels = batch["label"]
+  if teachers is not None:
+    # Every expert sees the same augmented batch; their logits are constants here.
+    teacher_logits = agents.agent_map(
+        lambda v: teacher_network.apply(v, x, train=False), strategy=strategy)(teachers)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)              # [K, B, C]
+
+  def loss_fn(params):
+    logits, new_vars = network.apply(
+        {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+    if teachers is None:
+      ce = losses.cross_entropy(logits, labels)
+      align = losses.energy_alignment(logits, loss_config.energy_anchor,
+                                      loss_config.energy_temperature)
+      total = ce + loss_config.align_weight * align
+      terms = {"ce": ce, "kd": jnp.zeros(()), "align": align, "total": total}
+    else:
+      total, terms = losses.collaboration_loss(
+          logits, labels, teacher_logits, class_owner,
+          kd_teachers=loss_config.kd_teachers, kd_weight=loss_config.kd_weight,
+          kd_temperature=loss_config.kd_temperature, align_weight=loss_config.align_weight,
+          energy_anchor=loss_config.energy_anchor,
+          energy_temperature=loss_config.energy_temperature)
+    return total, (new_vars["batch_stats"], logits, terms)
+
+  (_, (batch_stats, logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return _update(state, grads, batch_stats, tx), {**terms, "accuracy": _accuracy(logits, labels)}
+
+
+def altruism_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array,
+                  frozen: dict[str, PyTree], *, backbone: nn.Module, head: nn.Module,
+                  teacher_network: nn.Module | None, teacher_is_stacked: bool,
+                  tx: optax.GradientTransformation, augment: Augment, loss_config: Any,
+                  strategy: str = "auto") -> tuple[ModelState, dict[str, jax.Array]]:
+  """Stage 3: every agent's new head on S's frozen backbone takes one step of L_RA.
+
+  Args:
+    state: stacked ``[K, ...]`` head states.
+    batch: ``image [K, B, H, W, Ch]``, ``label [K, B]`` (each agent its own data).
+    rng: step key.
+    frozen: ``backbone`` (S's backbone variables, shared) and ``teacher``
+      (stacked expert variables if ``teacher_is_stacked``, else S's variables,
+      or absent for no KD).
+
+  Returns:
+    new stacked head state, metrics ``ce``, ``kd``, ``align``, ``total``, ``accuracy`` each ``[K]``.
+  """
+  k, b = batch["label"].shape
+  aug_rng, rng = jax.random.split(rng)
+  x = augment(batch["image"], aug_rng)                                # [K, B, H, W, Ch]
+  flat_x = x.reshape((k * b,) + x.shape[2:])
+  # One frozen backbone for all agents: a single forward over K*B images.
+  features = backbone.apply(frozen["backbone"], flat_x, train=False)
+  features = jax.lax.stop_gradient(features).reshape(k, b, -1)        # [K, B, F]
+  teacher = frozen.get("teacher")
+  if teacher is None:
+    teacher_logits = None
+  elif teacher_is_stacked:
+    teacher_logits = agents.agent_map(
+        lambda v, xk: teacher_network.apply(v, xk, train=False), strategy=strategy)(teacher, x)
+  else:
+    teacher_logits = teacher_network.apply(teacher, flat_x, train=False).reshape(k, b, -1)
+
+  def one_agent(state_k, features_k, labels_k, teacher_k, rng_k):
+    def loss_fn(params):
+      logits = head.apply({"params": params}, features_k, train=True, rngs={"dropout": rng_k})
+      total, terms = losses.altruism_loss(
+          logits, labels_k, teacher_k, kd_weight=loss_config.ra_kd_weight,
+          kd_temperature=loss_config.kd_temperature, align_weight=loss_config.align_weight,
+          energy_anchor=loss_config.energy_anchor,
+          energy_temperature=loss_config.energy_temperature)
+      return total, (logits, terms)
+
+    (_, (logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state_k.params)
+    return _update(state_k, grads, {}, tx), {**terms, "accuracy": _accuracy(logits, labels_k)}
+
+  rngs = jax.random.split(rng, k)
+  if teacher_logits is None:
+    mapped = agents.agent_map(lambda s, f, l, r: one_agent(s, f, l, None, r), strategy=strategy)
+    return mapped(state, features, batch["label"], rngs)
+  return agents.agent_map(one_agent, strategy=strategy)(
+      state, features, batch["label"], jax.lax.stop_gradient(teacher_logits), rngs)
+
+
+def predict_step(variables: dict[str, PyTree], images: jax.Array, *, expert_network: nn.Module,
+                 collective_network: nn.Module, backbone: nn.Module, head: nn.Module,
+                 normalize: Callable[[jax.Array], jax.Array], energy_temperature: float = 1.0,
+                 strategy: str = "auto") -> dict[str, jax.Array]:
+  """Predictions of every table row available in ``variables`` (inference mode).
+
+  Args:
+    variables: any of ``experts`` (stacked), ``collective``, ``heads`` (stacked,
+      needs ``collective``), ``collective_ce``, ``heads_ce`` (needs ``collective_ce``).
+    images: ``[B, H, W, Ch]`` uint8 test images.
+
+  Returns:
+    int predictions: ``[K, B]`` per agent for rows ``before_growth``,
+    ``after_growth``, ``ra_only``; ``[B]`` for the collectives ``cc`` / ``ce`` and
+    for each ``society_<row>`` (energy routing across the row's agents).
+  """
+  x = normalize(images)
+  out = {}
+
+  def society(agent_logits):
+    return jnp.argmax(routing.select_by_energy(agent_logits, energy_temperature)[0], -1)
+
+  if "experts" in variables:
+    expert_logits = agents.agent_map(
+        lambda v: expert_network.apply(v, x, train=False), strategy=strategy)(variables["experts"])
+    out["before_growth"] = jnp.argmax(expert_logits, -1)
+    out["society_before_growth"] = society(expert_logits)
+  for s_key, h_key, row, s_name in (("collective", "heads", "after_growth", "cc"),
+                                    ("collective_ce", "heads_ce", "ra_only", "ce")):
+    if s_key not in variables:
+      continue
+    s_vars = variables[s_key]
+    s_logits = collective_network.apply(s_vars, x, train=False)
+    out[s_name] = jnp.argmax(s_logits, -1)
+    if h_key in variables:
+      bb_vars = {name: tree["backbone"] for name, tree in s_vars.items()}
+      features = backbone.apply(bb_vars, x, train=False)
+      head_logits = agents.agent_map(
+          lambda v: head.apply(v, features, train=False), strategy=strategy)(variables[h_key])
+      grown, _ = routing.grown_agent_logits(s_logits, head_logits, energy_temperature)
+      out[row] = jnp.argmax(grown, -1)
+      out[f"society_{row}"] = society(grown)
+  return out

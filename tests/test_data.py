@@ -1,0 +1,386 @@
+"""Tests for masc_jax.data: datasets, class groups, batch indices."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from masc_jax import data
+
+# ----------------------------------------------------------------------------
+# digits
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.ArrayDataset:
+    return data.load_dataset("digits")
+
+
+def test_digits_shapes_dtypes_split(digits: data.ArrayDataset) -> None:
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    assert digits.name == "digits"
+    assert digits.num_classes == 10
+    assert digits.train_images.shape == (1297, 8, 8, 1)
+    assert digits.test_images.shape == (500, 8, 8, 1)
+    assert digits.image_shape == (8, 8, 1)
+    assert digits.train_images.dtype == np.uint8
+    assert digits.test_images.dtype == np.uint8
+    assert digits.train_labels.dtype == np.int32
+    assert digits.test_labels.dtype == np.int32
+    assert set(np.unique(digits.train_labels)) == set(range(10))
+    assert set(np.unique(digits.test_labels)) == set(range(10))
+    # The split is a partition of sklearn's images: the multiset of (image,
+    # label) pairs of train + test equals the original one.
+    expected = np.round(raw.images * 255.0 / 16.0).astype(np.uint8)
+    key = lambda imgs, labs: sorted(  # noqa: E731
+        (int(l), img.tobytes()) for img, l in zip(imgs, labs)
+    )
+    got = key(digits.train_images[..., 0], digits.train_labels) + key(
+        digits.test_images[..., 0], digits.test_labels
+    )
+    assert sorted(got) == key(expected, raw.target)
+    # Stratified: each class's test share is within one image of proportional.
+    for c in range(10):
+        n_c = int((raw.target == c).sum())
+        assert abs(int((digits.test_labels == c).sum()) - 500 * n_c / 1797) < 1
+    # mean / std: per channel, of train pixels / 255.
+    scaled = digits.train_images.astype(np.float64) / 255.0
+    np.testing.assert_allclose(digits.mean, [scaled.mean()], rtol=1e-6)
+    np.testing.assert_allclose(digits.std, [scaled.std()], rtol=1e-6)
+    assert digits.mean.dtype == np.float32 and digits.std.dtype == np.float32
+
+
+def test_digits_deterministic(digits: data.ArrayDataset) -> None:
+    again = data.load_dataset("digits")
+    for field in ("train_images", "train_labels", "test_images", "test_labels", "mean", "std"):
+        np.testing.assert_array_equal(getattr(digits, field), getattr(again, field))
+
+
+def test_dataset_arrays_read_only(digits: data.ArrayDataset) -> None:
+    with pytest.raises(ValueError):
+        digits.train_labels[0] = 1
+
+
+def test_digits_always_available() -> None:
+    data.check_dataset_available("digits", data_dir="/nonexistent")
+
+
+def test_unknown_dataset_name() -> None:
+    with pytest.raises(ValueError, match=r"'imagenet'.*cifar100, cifar10, digits"):
+        data.load_dataset("imagenet")
+    with pytest.raises(ValueError, match="imagenet"):
+        data.check_dataset_available("imagenet")
+
+
+# ----------------------------------------------------------------------------
+# class groups
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+@pytest.mark.parametrize("num_classes,num_agents", [(100, 4), (10, 5), (10, 1), (6, 6)])
+def test_make_class_groups_partition(num_classes: int, num_agents: int, seed: int | None) -> None:
+    g = data.make_class_groups(num_classes, num_agents, permutation_seed=seed)
+    m = num_classes // num_agents
+    assert g.groups.shape == (num_agents, m) and g.groups.dtype == np.int32
+    assert g.class_owner.shape == (num_classes,) and g.class_owner.dtype == np.int32
+    assert (g.num_agents, g.classes_per_agent, g.num_classes) == (num_agents, m, num_classes)
+    # Disjoint and covering: the concatenation is a permutation of 0..C-1.
+    assert sorted(g.groups.ravel().tolist()) == list(range(num_classes))
+    # class_owner, recomputed independently by searching the groups.
+    for c in range(num_classes):
+        owners = [k for k in range(num_agents) if c in set(g.groups[k].tolist())]
+        assert owners == [int(g.class_owner[c])]
+
+
+def test_make_class_groups_label_order() -> None:
+    g = data.make_class_groups(100, 4)
+    for k in range(4):
+        assert g.groups[k].tolist() == list(range(25 * k, 25 * k + 25))
+
+
+def test_make_class_groups_permutation() -> None:
+    default = data.make_class_groups(100, 4)
+    a = data.make_class_groups(100, 4, permutation_seed=1)
+    b = data.make_class_groups(100, 4, permutation_seed=1)
+    c = data.make_class_groups(100, 4, permutation_seed=2)
+    np.testing.assert_array_equal(a.groups, b.groups)
+    assert not np.array_equal(a.groups, default.groups)
+    assert not np.array_equal(a.groups, c.groups)
+
+
+@pytest.mark.parametrize(
+    "num_classes,num_agents,pattern",
+    [
+        (100, 3, r"num_classes=100 is not divisible by num_agents=3.*1, 2, 4, 5, 10, 20, 25, 50, 100"),
+        (10, 0, r"num_agents must be >= 1; got 0"),
+        (0, 1, r"num_classes must be >= 1; got 0"),
+        (10, 20, r"num_classes=10 is not divisible by num_agents=20"),
+    ],
+)
+def test_make_class_groups_bad(num_classes: int, num_agents: int, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        data.make_class_groups(num_classes, num_agents)
+
+
+def test_agent_indices_digits(digits: data.ArrayDataset) -> None:
+    groups = data.make_class_groups(10, 5)
+    per_agent = data.agent_indices(digits.train_labels, groups)
+    assert len(per_agent) == 5
+    for k, ix in enumerate(per_agent):
+        assert ix.dtype == np.int64
+        assert np.all(np.diff(ix) > 0)  # sorted, no duplicates
+        # Independent recomputation: samples whose label is in group k.
+        expected = [i for i, y in enumerate(digits.train_labels) if y in set(groups.groups[k].tolist())]
+        assert ix.tolist() == expected
+    union = np.concatenate(per_agent)
+    assert sorted(union.tolist()) == list(range(digits.train_labels.shape[0]))
+
+
+def test_agent_indices_bad_labels() -> None:
+    groups = data.make_class_groups(10, 5)
+    with pytest.raises(ValueError, match=r"label 12 \(at index 2\) is outside \[0, 10\)"):
+        data.agent_indices(np.array([0, 3, 12, 1]), groups)
+    with pytest.raises(ValueError, match=r"label -1"):
+        data.agent_indices(np.array([-1, 3]), groups)
+    with pytest.raises(ValueError, match="1-D integer"):
+        data.agent_indices(np.array([0.5, 1.0]), groups)
+
+
+# ----------------------------------------------------------------------------
+# batches
+
+
+def _toy_agents() -> list[np.ndarray]:
+    # Unequal agent sizes, disjoint index sets (like agent_indices returns).
+    rng = np.random.default_rng(123)
+    perm = rng.permutation(300)
+    return [np.sort(perm[:70]), np.sort(perm[70:170]), np.sort(perm[170:300])]
+
+
+def test_agent_batches_shape_membership_no_repeats() -> None:
+    agents = _toy_agents()
+    batches = data.AgentBatches(agents, batch_size=8, seed=0)
+    assert batches.steps_per_epoch == 70 // 8
+    for epoch in range(2):
+        seen = [[] for _ in agents]
+        for step in range(epoch * batches.steps_per_epoch, (epoch + 1) * batches.steps_per_epoch):
+            b = batches.indices(step)
+            assert b.shape == (3, 8) and b.dtype == np.int32
+            for k in range(3):
+                assert set(b[k].tolist()) <= set(agents[k].tolist())
+                seen[k].extend(b[k].tolist())
+        for k in range(3):
+            assert len(seen[k]) == len(set(seen[k]))  # no repeats within an epoch
+        # The smallest agent's epoch covers all but its remainder.
+        assert len(set(seen[0])) == batches.steps_per_epoch * 8
+
+
+def test_agent_batches_resume_and_seeds() -> None:
+    agents = _toy_agents()
+    spe = data.AgentBatches(agents, 8, seed=5).steps_per_epoch
+    total = 3 * spe + 2
+    reference = data.AgentBatches(agents, 8, seed=5)
+    straight = [reference.indices(s) for s in range(total)]
+    # Fresh objects resumed at arbitrary steps (mid-epoch, epoch boundary, and
+    # going backwards) reproduce the uninterrupted run.
+    for start in (spe + 3, 2 * spe, 1):
+        resumed = data.AgentBatches(agents, 8, seed=5)
+        for s in range(start, total):
+            np.testing.assert_array_equal(resumed.indices(s), straight[s])
+    np.testing.assert_array_equal(reference.indices(0), straight[0])
+    # Epochs reshuffle, and other seeds give other batches.
+    assert not np.array_equal(straight[0], straight[spe])
+    other = data.AgentBatches(agents, 8, seed=6)
+    assert not np.array_equal(np.stack([other.indices(s) for s in range(spe)]), np.stack(straight[:spe]))
+    # Returned arrays are copies: mutating one does not corrupt the cache.
+    straight[1][:] = -1
+    assert np.all(reference.indices(1) >= 0)
+
+
+def test_agent_batches_too_small_agent() -> None:
+    agents = [np.arange(40), np.arange(40, 45), np.arange(45, 90)]
+    with pytest.raises(ValueError, match=r"agent 1 has 5 training samples, fewer than batch_size=8"):
+        data.AgentBatches(agents, batch_size=8, seed=0)
+
+
+def test_batches_bad_args() -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        data.AgentBatches([np.arange(10)], batch_size=0, seed=0)
+    with pytest.raises(ValueError, match="seed must be a non-negative"):
+        data.PooledBatches(np.arange(10), batch_size=2, seed=-1)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        data.PooledBatches(np.arange(10), batch_size=2, seed=0).indices(-1)
+
+
+def test_pooled_batches() -> None:
+    pool = np.concatenate(_toy_agents())
+    batches = data.PooledBatches(pool, batch_size=32, seed=1)
+    assert batches.steps_per_epoch == 300 // 32
+    spe = batches.steps_per_epoch
+    straight = [batches.indices(s) for s in range(2 * spe + 3)]
+    for epoch in range(2):
+        epoch_ix = np.concatenate(straight[epoch * spe : (epoch + 1) * spe])
+        assert straight[epoch * spe].shape == (32,) and straight[0].dtype == np.int32
+        assert len(set(epoch_ix.tolist())) == spe * 32  # no repeats
+        assert set(epoch_ix.tolist()) <= set(pool.tolist())
+    resumed = data.PooledBatches(pool, batch_size=32, seed=1)
+    for s in (2 * spe + 2, spe + 1, 0):
+        np.testing.assert_array_equal(resumed.indices(s), straight[s])
+    assert not np.array_equal(straight[0], straight[spe])
+    other = data.PooledBatches(pool, batch_size=32, seed=2)
+    assert not np.array_equal(other.indices(0), straight[0])
+    with pytest.raises(ValueError, match=r"the pool has 10 samples, fewer than batch_size=32"):
+        data.PooledBatches(np.arange(10), batch_size=32, seed=0)
+
+
+@pytest.mark.parametrize("n,bs", [(10, 4), (12, 4), (3, 8), (1, 1), (0, 5)])
+def test_eval_batches(n: int, bs: int) -> None:
+    out = list(data.eval_batches(n, bs))
+    assert len(out) == -(-n // bs)
+    covered = []
+    for i, (ix, valid) in enumerate(out):
+        assert ix.shape == (bs,) and ix.dtype == np.int32
+        expected_valid = min(bs, n - i * bs)
+        assert valid == expected_valid
+        assert np.all((ix >= 0) & (ix < n))
+        covered.extend(ix[:valid].tolist())
+    assert covered == list(range(n))
+
+
+# ----------------------------------------------------------------------------
+# CIFAR through TFDS
+
+
+def test_cifar100_via_tfds_mock_data() -> None:
+    """The CIFAR read path under `tfds.testing.mock_data` (random records).
+
+    mock_data replaces `ArrayRecordDataSource` with a MagicMock whose batched
+    `__getitems__` is assigned as a plain attribute (MagicMock only binds the
+    magic methods it knows, and `__getitems__` is not one), so in TFDS 4.9.10
+    it is called without its `self` argument and raises TypeError. We patch the
+    module-level `_getitems` helper that mock_data wraps with a version that
+    accepts either calling convention; everything else (tfds.data_source,
+    TFDS's own ArrayRecordDataSource wrapper, our chunked reader) runs as is.
+    """
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.testing import mocking
+
+    def getitems(*args, generator, serialized=False):
+        assert not serialized
+        return [generator[key] for key in args[-1]]
+
+    num_examples = 37
+    with mock.patch.object(mocking, "_getitems", getitems), tfds.testing.mock_data(
+        num_examples=num_examples
+    ):
+        ds = data.load_dataset("cifar100", data_dir="/unused/under/mock_data")
+        data.check_dataset_available("cifar100", data_dir="/unused/under/mock_data")
+    assert ds.name == "cifar100" and ds.num_classes == 100
+    for images, labels in ((ds.train_images, ds.train_labels), (ds.test_images, ds.test_labels)):
+        assert images.shape == (num_examples, 32, 32, 3) and images.dtype == np.uint8
+        assert labels.shape == (num_examples,) and labels.dtype == np.int32
+        assert labels.min() >= 0 and labels.max() < 100
+    assert ds.image_shape == (32, 32, 3)
+    assert ds.mean.shape == (3,) and ds.std.shape == (3,) and ds.mean.dtype == np.float32
+    assert "tensorflow" not in sys.modules
+
+
+@pytest.fixture
+def prepared_fake_cifar100(tmp_path):
+    """A real (tiny, synthetic) cifar100 array_record directory written by TFDS.
+
+    Unlike mock_data this exercises the real on-disk path: array_record files,
+    tf.Example parsing and PNG decoding, all without TensorFlow. TFDS's own
+    writer is fed synthetic examples by replacing the builder's download step.
+    """
+    import PIL.Image
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.image_classification import cifar
+
+    rng = np.random.default_rng(0)
+    made = {"train": [], "test": []}
+
+    def examples(split, n):
+        for i in range(n):
+            image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            label = int(rng.integers(0, 100))
+            made[split].append((image, label))
+            yield i, {
+                "id": f"{split}_{i:05d}",
+                # A PIL image: encoding a NumPy image would need TensorFlow.
+                "image": PIL.Image.fromarray(image),
+                "label": label,
+                "coarse_label": label // 5,
+            }
+
+    def split_generators(self, dl_manager):
+        return {"train": examples("train", 23), "test": examples("test", 9)}
+
+    patches = [mock.patch.object(cifar.Cifar100, "_split_generators", split_generators)]
+    try:
+        importlib.import_module("importlib_resources")
+    except ImportError:
+        # The venv lacks the `importlib_resources` backport that etils needs
+        # when a builder locates its checksums; the stdlib module provides the
+        # same `abc.Traversable` it looks up.
+        patches.append(mock.patch.dict(sys.modules, {"importlib_resources": importlib.resources}))
+    for p in patches:
+        p.start()
+    try:
+        tfds.builder("cifar100", data_dir=tmp_path, file_format="array_record").download_and_prepare()
+    finally:
+        for p in reversed(patches):
+            p.stop()
+    return tmp_path, made
+
+
+def test_cifar100_real_array_record_roundtrip(prepared_fake_cifar100) -> None:
+    data_dir, made = prepared_fake_cifar100
+    data.check_dataset_available("cifar100", data_dir=data_dir)
+    ds = data.load_dataset("cifar100", data_dir=data_dir)
+    for split, images, labels in (
+        ("train", ds.train_images, ds.train_labels),
+        ("test", ds.test_images, ds.test_labels),
+    ):
+        assert images.dtype == np.uint8 and labels.dtype == np.int32
+        # TFDS shuffles records on write: compare as multisets of (label, pixels).
+        got = sorted((int(l), img.tobytes()) for img, l in zip(images, labels))
+        assert got == sorted((l, img.tobytes()) for img, l in made[split])
+    np.testing.assert_allclose(ds.mean, [0.5071, 0.4865, 0.4409])
+    np.testing.assert_allclose(ds.std, [0.2673, 0.2564, 0.2762])
+    assert "tensorflow" not in sys.modules
+
+
+def test_cifar100_env_var_data_dir(prepared_fake_cifar100, monkeypatch) -> None:
+    data_dir, made = prepared_fake_cifar100
+    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+    ds = data.load_dataset("cifar100")
+    assert ds.train_images.shape[0] == len(made["train"])
+
+
+@pytest.mark.parametrize("name", ["cifar100", "cifar10"])
+def test_missing_dataset(name: str, tmp_path) -> None:
+    for fn in (data.load_dataset, data.check_dataset_available):
+        with pytest.raises(data.DatasetNotPreparedError) as info:
+            fn(name, data_dir=tmp_path)
+        message = str(info.value)
+        assert "TFDS_DATA_DIR" in message and "--config=digits" in message
+        assert f"bash launch/prepare_data.sh {name}" in message and str(tmp_path) in message
+        # No chained TFDS traceback: its words are in the message instead.
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_prepared_but_missing_shard(prepared_fake_cifar100) -> None:
+    data_dir, _ = prepared_fake_cifar100
+    (shard,) = data_dir.glob("cifar100/*/cifar100-train.array_record*")
+    shard.unlink()
+    for fn in (data.load_dataset, data.check_dataset_available):
+        with pytest.raises(data.DatasetNotPreparedError, match="a copy exists but cannot be opened"):
+            fn("cifar100", data_dir=data_dir)
