@@ -47,6 +47,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+# The run's stages in training order (masc_jax.train), for the timings table.
+STAGE_ORDER = ("experts", "collective", "altruism", "collective_ce", "altruism_ce")
+
 __all__ = [
     "ROW_TITLES",
     "ROW_ORDER",
@@ -412,7 +415,9 @@ def results_markdown(results: dict) -> str:
         out.append("")
         out.append("| stage | steps | compile | train | images/s |")
         out.append("|---|---:|---:|---:|---:|")
-        for stage, t in timings.items():
+        # Stage order, not dict order: results.json sorts its keys.
+        order = {name: i for i, name in enumerate(STAGE_ORDER)}
+        for stage, t in sorted(timings.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
             t = t if isinstance(t, Mapping) else {}
             steps = t.get("steps")
             ips = t.get("images_per_s")

@@ -1,0 +1,64 @@
+"""The run end to end on the tiny config: stages, outputs, re-running a finished run."""
+
+import json
+import os
+
+import numpy as np
+
+from masc_jax import config_lib, data, metrics, reporting, train
+
+ROWS = ("before_growth", "after_growth", "cc_only", "ra_only")
+
+
+def test_every_stage_runs_and_writes_its_outputs(tiny_run):
+  workdir, results, lines = tiny_run
+  for name in train.stage_names(config_lib.load_config("tiny")):
+    assert any(line.startswith(f"[{name}] done:") for line in lines), name
+  assert set(results["rows"]) == set(ROWS)
+  for name in ("results.json", "results.md", "report.png", "metrics.jsonl", "config.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "results.md")) as f:
+    assert f.read() == reporting.results_markdown(json.load(open(os.path.join(workdir, "results.json"))))
+
+
+def test_metrics_log_has_a_record_per_logged_step_and_evaluation(tiny_run):
+  workdir, _, lines = tiny_run
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  steps = [r for r in records if "step" in r]
+  evals = [r for r in records if "eval" in r]
+  progress = [l for l in lines if "| ETA" in l]
+  assert len(steps) == len(progress)
+  assert [r["stage"] for r in evals] == list(train.stage_names(config_lib.load_config("tiny")))
+  assert all({"ce", "total", "images_per_s", "global_step"} <= set(r) for r in steps)
+
+
+def test_results_rows_agree_with_the_group_accuracy_matrices(tiny_run):
+  """Expert_k is the diagonal of the group matrix; General_k the size-weighted rest."""
+  _, results, _ = tiny_run
+  groups = np.asarray(results["class_groups"])
+  test_labels = data.load_dataset("digits").test_labels
+  sizes = np.bincount(metrics.label_group(test_labels, groups), minlength=len(groups))
+  for row in ROWS:
+    acc = np.asarray(results["group_accuracy"][row])
+    k = len(acc)
+    np.testing.assert_allclose(results["rows"][row]["expert"], np.diag(acc))
+    for a in range(k):
+      others = [g for g in range(k) if g != a]
+      expected = np.sum(acc[a, others] * sizes[others]) / np.sum(sizes[others])
+      np.testing.assert_allclose(results["rows"][row]["general"][a], expected)
+    assert results["directionality"][row] == bool(np.all(np.diag(acc) >= acc.max(axis=0)))
+
+
+def test_before_growth_agents_know_only_their_own_classes(tiny_run):
+  _, results, _ = tiny_run
+  assert max(results["rows"]["before_growth"]["general"]) < 0.1
+
+
+def test_a_finished_run_reports_without_training(tiny_run):
+  workdir, results, _ = tiny_run
+  lines = []
+  again = train.train_and_evaluate(config_lib.load_config("tiny"), workdir, log=lines.append)
+  assert any("this run is finished" in l for l in lines)
+  assert not any("| ETA" in l for l in lines)
+  assert again["rows"] == json.loads(json.dumps(results["rows"]))
