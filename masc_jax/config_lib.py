@@ -59,14 +59,20 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   from ml_collections import config_flags
   from absl import flags
 
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True)
   argv = ["masc", f"--config={resolve_config_spec(spec)}"] + [f"--config.{o}" for o in overrides]
+  flag_values = flags.FlagValues()
+  # sys_argv: the override flags are defined from the argv they will parse.
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
   try:
     flag_values(argv)
-  except flags.Error as e:
-    raise ConfigError(str(e)) from None
-  return flag_values.config
+    config = flag_values.config
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    message = e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else str(e)
+    raise ConfigError(f"bad config override: {message}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config {spec!r} did not load: {config}")
+  return config
 
 
 def _is_int(x: Any) -> bool:

@@ -5,19 +5,19 @@ input ends here with one clear message and exit status 2, before anything is
 written to the workdir.
 """
 
+from __future__ import annotations
+
 import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from masc_jax import config_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
+flags.DEFINE_string(
     "config", None,
     "Config: a registered name (cifar100, cifar10, digits, tiny), NAME:ARG, or a path to a "
-    "get_config() file. Override fields with --config.FIELD=VALUE.",
-    lock_config=True)
+    "get_config() file. Override any field with --config.FIELD=VALUE.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics and results go (default: runs/<config name>).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
@@ -32,51 +32,55 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-def _resolve_config_argv(argv: list[str]) -> tuple[list[str], str]:
-  """Map ``--config=NAME[:ARG]`` to the packaged config file (ml_collections wants a path)."""
-  out, spec = [], None
-  for i, arg in enumerate(argv):
+def split_config_args(argv: list[str]) -> tuple[str, list[str], list[str]]:
+  """``argv`` -> (config spec, ``FIELD=VALUE`` overrides, the remaining argv for absl)."""
+  spec, overrides, rest = None, [], [argv[0]]
+  args = iter(argv[1:])
+  for arg in args:
     if arg.startswith("--config="):
       spec = arg.split("=", 1)[1]
-      arg = "--config=" + config_lib.resolve_config_spec(spec)
-    elif arg == "--config" and i + 1 < len(argv):
-      spec = argv[i + 1]
-      argv[i + 1] = config_lib.resolve_config_spec(spec)
-    out.append(arg)
-  if spec is None:
+    elif arg == "--config":
+      spec = next(args, "")
+    elif arg.startswith("--config."):
+      overrides.append(arg[len("--config."):])
+    else:
+      rest.append(arg)
+  if not spec:
     raise config_lib.ConfigError(
         f"--config is required: one of {', '.join(config_lib.REGISTERED)} "
         "(try --config=digits, which runs offline)")
-  return out, spec
+  return spec, overrides, rest + [f"--config={spec}"]
 
 
-def main(argv):
+class _Job:
+  spec: str = ""
+  config = None
+
+
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _MULTIHOST.value:
     import jax
     jax.distributed.initialize()
-  # Imported here so that a bad flag fails fast, before JAX and TFDS load.
-  from masc_jax import checkpointing, data, train
+  # Imported here so that a bad flag fails fast, before TFDS and the training code load.
+  from masc_jax import checkpointing, data, sharding, train
 
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join("runs", config_lib.config_name(_SPEC))
+  workdir = _WORKDIR.value or os.path.join("runs", config_lib.config_name(_Job.spec))
   try:
-    train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    train.train_and_evaluate(_Job.config, workdir,
+                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except (config_lib.ConfigError, data.DatasetNotPreparedError, train.WorkdirError,
-          checkpointing.NoGoodCheckpointError, train.NonFiniteLossError) as e:
+          checkpointing.NoGoodCheckpointError, train.NonFiniteLossError,
+          sharding.MeshError) as e:
     _fail(str(e))
-  except ValueError as e:   # e.g. a mesh that cannot hold the agents
-    _fail(str(e))
-
-
-_SPEC = "config"
 
 
 def run() -> None:
-  global _SPEC
+  """Parse the config and its overrides (one clear error), then hand over to absl."""
   try:
-    argv, _SPEC = _resolve_config_argv(list(sys.argv))
+    _Job.spec, overrides, argv = split_config_args(list(sys.argv))
+    _Job.config = config_lib.load_config(_Job.spec, overrides)
   except config_lib.ConfigError as e:
     _fail(str(e))
   logging.set_verbosity(logging.WARNING)
