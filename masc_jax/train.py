@@ -44,8 +44,11 @@ COLLECTIVE_CE, ALTRUISM_CE = "collective_ce", "altruism_ce"
 DONE = "done"
 
 # Fields that do not change what a run computes: a resumed run may change them.
+# Device count and agent strategy change values only within float rounding, so a
+# run saved on 4 devices may resume on 1.
 RESULT_NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                         "data_dir", "debug_nan_step")
+                         "data_dir", "debug_nan_step", "num_devices", "agent_axis_size",
+                         "agent_map")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -244,6 +247,30 @@ def batch_source(society: Society, stage: str) -> tuple[Callable[[int], dict[str
   return get, batch_sharding
 
 
+def compile_stage(society: Society, stage: str, state: dict[str, stages.ModelState],
+                  start_step: int, stage_key: jax.Array):
+  """The stage's step, jit-compiled ahead of time for the mesh.
+
+  Returns ``(compiled, frozen, get_batch)``: call ``compiled(state[stage],
+  get_batch(step), jax.random.fold_in(stage_key, step), frozen)``. The trained
+  state is donated, and constrained to keep its sharding (stacked along the
+  agent axis, or replicated for a collective).
+  """
+  get_batch, _ = batch_source(society, stage)
+  step_fn = stage_step(society, stage)
+  shardings = state_shardings(society, {stage: state[stage]})[stage]
+
+  def constrained(model_state, batch, rng, frozen):
+    new_state, metrics = step_fn(model_state, batch, rng, frozen)
+    return jax.lax.with_sharding_constraint(new_state, shardings), metrics
+
+  frozen = frozen_inputs(society, stage, state)
+  jitted = jax.jit(constrained, donate_argnums=(0,))
+  compiled = jitted.lower(state[stage], get_batch(start_step),
+                          jax.random.fold_in(stage_key, start_step), frozen).compile()
+  return compiled, frozen, get_batch
+
+
 # ----------------------------------------------------------------------------- workdir
 
 
@@ -397,20 +424,9 @@ class Run:
     society, config = self.society, self.config
     total = society.total_steps(stage)
     start = meta["stage_step"]
-    get_batch, _ = batch_source(society, stage)
-    step_fn = stage_step(society, stage)
-    shardings = state_shardings(society, {stage: state[stage]})[stage]
-
-    def constrained(model_state, batch, rng, frozen):
-      new_state, metrics = step_fn(model_state, batch, rng, frozen)
-      return jax.lax.with_sharding_constraint(new_state, shardings), metrics
-
-    frozen = frozen_inputs(society, stage, state)
     stage_key = jax.random.fold_in(self.train_key, self.names.index(stage))
-    jitted = jax.jit(constrained, donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = jitted.lower(state[stage], get_batch(start), jax.random.fold_in(stage_key, start),
-                            frozen).compile()
+    compiled, frozen, get_batch = compile_stage(society, stage, state, start, stage_key)
     compile_s = time.perf_counter() - t0
     self.log(f"[{stage}] {total} steps ({config.batch_size} per batch, "
              f"{society.images_per_step(stage)} images per step); compiled in {compile_s:.1f}s"
@@ -523,6 +539,7 @@ class Run:
           meta["results"] = results
         self.save(state, meta)
     self.checkpointer.wait()
+    self.state = state
     if self.is_writer:
       reporting.write_results(self.workdir, results)
       reporting.plot_report(results, os.path.join(self.workdir, "report.png"))

@@ -1,0 +1,83 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 forced CPU devices.
+
+Usage: python tests/sharding_worker.py steps|e2e|resume WORKDIR
+Prints one JSON object on its last line.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from masc_jax import config_lib, train  # noqa: E402
+
+TINY_K2 = ["num_agents=2"]   # K=2: a 4-device mesh is 2 (agents) x 2 (data)
+# The end-to-end checks skip the ablation stages: the same steps, already checked in "steps".
+NO_ABLATIONS = ["ablations=False"]
+
+
+def society_on(num_devices, extra=()):
+  config = config_lib.load_config("tiny", TINY_K2 + [f"num_devices={num_devices}", *extra])
+  return train.build_society(config)
+
+
+def stage_steps(num_devices, num_steps=3):
+  """Three steps of every stage from the same initial state; losses and final states."""
+  society = society_on(num_devices)
+  names = train.stage_names(society.config)
+  init_key, train_key = jax.random.split(jax.random.key(society.config.seed))
+  abstract = jax.eval_shape(lambda: train.init_run_state(society, init_key))
+  state = jax.jit(lambda: train.init_run_state(society, init_key),
+                  out_shardings=train.state_shardings(society, abstract))()
+  losses, sharded = {}, {}
+  for stage in names:
+    key = jax.random.fold_in(train_key, names.index(stage))
+    compiled, frozen, get_batch = train.compile_stage(society, stage, state, 0, key)
+    model_state = state[stage]
+    totals = []
+    for step in range(num_steps):
+      model_state, metrics = compiled(model_state, get_batch(step), jax.random.fold_in(key, step),
+                                      frozen)
+      totals.append(np.asarray(metrics["total"]).tolist())
+    state = {**state, stage: model_state}
+    losses[stage] = totals
+    leaf = jax.tree.leaves(model_state.params)[0]
+    sharded[stage] = {"devices": len(leaf.sharding.device_set),
+                      "shard_rows": leaf.sharding.shard_shape(leaf.shape)[0],
+                      "rows": leaf.shape[0]}
+  params = {stage: [np.asarray(x).tolist() for x in jax.tree.leaves(state[stage].params)]
+            for stage in names}
+  return {"losses": losses, "params": params, "sharded": sharded,
+          "mesh": dict(society.mesh.shape)}
+
+
+def main():
+  mode, workdir = sys.argv[1], sys.argv[2]
+  if mode == "steps":
+    out = {"one": stage_steps(1), "four": stage_steps(4)}
+  elif mode == "e2e":
+    config = config_lib.load_config("tiny", TINY_K2 + NO_ABLATIONS + [f"num_devices={sys.argv[3]}"])
+    out = train.train_and_evaluate(config, workdir, log=lambda _: None)
+  elif mode == "partial":
+    # The experts stage only, on 4 devices, then a checkpoint as at a stage end.
+    society = society_on(4, NO_ABLATIONS)
+    run = train.Run(society, workdir, log=lambda _: None)
+    state, meta = run.restore_or_init()
+    with train._SigtermFlag() as flag:
+      state = run.train_stage(train.EXPERTS, state, meta, flag)
+    run.save(state, {**meta, "stage": train.COLLECTIVE, "stage_step": 0})
+    run.close()
+    train._atomic_write_json(os.path.join(workdir, "config.json"),
+                             json.loads(society.config.to_json()))
+    out = {"saved_on": len(jax.devices()), "mesh": dict(society.mesh.shape)}
+  else:
+    raise SystemExit(f"unknown mode {mode}")
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,65 @@
+"""Agents across devices: 8 forced CPU devices in subprocesses (JAX fixes its device count at import)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+WORKER = os.path.join(REPO, "tests", "sharding_worker.py")
+
+
+def run_worker(*args):
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8"}
+  out = subprocess.run([sys.executable, WORKER, *map(str, args)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_every_stage_step_sharded_over_4_devices_matches_one_device():
+  out = run_worker("steps", "-")
+  one, four = out["one"], out["four"]
+  assert one["mesh"] == {"agents": 1, "data": 1}
+  assert four["mesh"] == {"agents": 2, "data": 2}
+  for stage, losses in one["losses"].items():
+    np.testing.assert_allclose(four["losses"][stage], losses, rtol=1e-5, atol=1e-5, err_msg=stage)
+    for a, b in zip(one["params"][stage], four["params"][stage]):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5, err_msg=stage)
+    placed = four["sharded"][stage]
+    assert placed["devices"] == 4, stage
+    if stage.startswith(("experts", "altruism")):
+      # Stacked agents: each device holds one agent's slice (K=2 over an agent axis of 2).
+      assert placed["shard_rows"] == placed["rows"] // 2, stage
+    else:
+      # The collective is replicated: every device holds the whole array.
+      assert placed["shard_rows"] == placed["rows"], stage
+
+
+def _close(a, b):
+  for row in a["rows"]:
+    for col in ("expert", "general"):
+      np.testing.assert_allclose(b["rows"][row][col], a["rows"][row][col], atol=0.02,
+                                 err_msg=f"{row} {col}")
+  for name, value in a["collective_accuracy"].items():
+    assert abs(b["collective_accuracy"][name] - value) <= 0.02, name
+
+
+@pytest.fixture(scope="module")
+def one_device_results(tmp_path_factory):
+  return run_worker("e2e", tmp_path_factory.mktemp("one"), 1)
+
+
+def test_end_to_end_on_4_devices_matches_1_device(one_device_results, tmp_path):
+  _close(one_device_results, run_worker("e2e", tmp_path, 4))
+
+
+def test_checkpoint_written_on_4_devices_resumes_on_1(one_device_results, tmp_path):
+  saved = run_worker("partial", tmp_path)
+  assert saved["mesh"] == {"agents": 2, "data": 2}
+  resumed = run_worker("e2e", tmp_path, 1)
+  _close(one_device_results, resumed)

@@ -1,0 +1,368 @@
+"""Tests for masc_jax.stages: optimiser, collective, altruism and predict steps.
+
+Each compiled step is compared with the same step written out by hand: the
+losses from ``masc_jax.losses`` on logits computed agent by agent (Python
+loops over unstacked models), ``jax.grad`` and the optimiser; the optimiser
+itself against PyTorch-style SGD written in NumPy.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from masc_jax import agents, losses, models, stages
+
+K, B, C = 3, 4, 6
+CLASS_OWNER = jnp.array([1, 0, 2, 0, 2, 1])           # agent owning each class
+EXPERT = models.Network(widths=(4, 8), pool_after=(0, 1), head_hidden=(16,), num_classes=C,
+                        dropout_rate=0.5)
+COLLECTIVE = models.Network(widths=(8, 8), pool_after=(0, 1), head_hidden=(16,), num_classes=C,
+                            dropout_rate=0.5)
+BACKBONE, HEAD = models.backbone_of(COLLECTIVE), models.head_of(COLLECTIVE)
+OPTIM = types.SimpleNamespace(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, grad_clip_norm=0.0)
+LOSS = types.SimpleNamespace(kd_teachers="all", kd_weight=0.7, kd_temperature=2.0, align_weight=0.3,
+                             energy_anchor=-5.0, energy_temperature=1.5, ra_kd_weight=0.6)
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _augment(images, rng):
+    del rng                                          # identity: the inputs are known
+    return images.astype(jnp.float32)
+
+
+def _normalize(images):
+    return images.astype(jnp.float32) / 255.0
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+    """Stacked experts, two collectives and two sets of stacked heads; one compile."""
+    tx = stages.make_optimizer(OPTIM)
+    image = jnp.zeros((2, 8, 8, 1), jnp.float32)
+    features = jnp.zeros((2, 2 * 2 * 8), jnp.float32)
+
+    @jax.jit
+    def init(key):
+        keys = jax.random.split(key, 3 * K + 2)
+        experts = agents.stack_agents([stages.init_model_state(EXPERT, keys[a], image, tx) for a in range(K)])
+        heads = agents.stack_agents([stages.init_model_state(HEAD, keys[K + a], features, tx) for a in range(K)])
+        heads_ce = agents.stack_agents([stages.init_model_state(HEAD, keys[2 * K + a], features, tx)
+                                        for a in range(K)])
+        collective = stages.init_model_state(COLLECTIVE, keys[-2], image, tx)
+        collective_ce = stages.init_model_state(COLLECTIVE, keys[-1], image, tx)
+        return experts, collective, heads, collective_ce, heads_ce
+
+    rng = np.random.default_rng(0)
+    pooled = {"image": jnp.asarray(rng.integers(0, 256, (B, 8, 8, 1)), jnp.uint8) // 64,
+              "label": jnp.asarray(rng.integers(0, C, (B,)), jnp.int32)}
+    per_agent = {"image": jnp.asarray(rng.integers(0, 256, (K, B, 8, 8, 1)), jnp.uint8) // 64,
+                 "label": jnp.asarray(rng.integers(0, C, (K, B)), jnp.int32)}
+    return (tx, *init(jax.random.key(0)), pooled, per_agent)
+
+
+def _apply_updates(state, grads, batch_stats, tx):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return stages.ModelState(params=jax.tree.map(lambda p, u: p + u, state.params, updates),
+                             batch_stats=batch_stats, opt_state=opt_state)
+
+
+def _changed_per_agent(before, after) -> np.ndarray:
+    diffs = jax.tree.map(lambda a, b: jnp.abs(a - b).reshape(a.shape[0], -1).max(axis=1), before, after)
+    return np.max(np.stack(jax.tree.leaves(diffs)), axis=0) > 0
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def _np_sgd(params, grads_seq, lr, momentum, wd, clip):
+    """PyTorch SGD (coupled decay, dampening 0) after optional clip_grad_norm_, in float64."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    buf = None
+    for grads in grads_seq:
+        g = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+        if clip > 0:
+            norm = np.sqrt(sum(np.sum(v**2) for v in g.values()))
+            g = {k: v * min(1.0, clip / norm) for k, v in g.items()}
+        d = {k: g[k] + wd * p[k] for k in p}
+        buf = d if buf is None else {k: momentum * buf[k] + d[k] for k in p}
+        p = {k: p[k] - lr * (buf[k] if momentum else d[k]) for k in p}
+    return p
+
+
+@pytest.mark.parametrize("momentum,wd,clip", [(0.9, 5e-4, 0.0), (0.9, 0.01, 1.5), (0.0, 0.1, 0.0)])
+def test_make_optimizer_is_pytorch_sgd(momentum, wd, clip) -> None:
+    rng = np.random.default_rng(1)
+    params = {"a": rng.standard_normal(3).astype(np.float32),
+              "b": rng.standard_normal((2, 2)).astype(np.float32)}
+    # Step 1 has a gradient norm above the clip (clipped), step 2 one below it (untouched).
+    g1 = {"a": np.array([3.0, -2.0, 1.0], np.float32), "b": np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)}
+    g2 = {"a": np.array([0.1, 0.2, -0.3], np.float32), "b": np.array([[0.05, 0.0], [-0.1, 0.2]], np.float32)}
+    if clip:
+        assert np.sqrt(sum(np.sum(v**2) for v in g1.values())) > clip
+        assert np.sqrt(sum(np.sum(v**2) for v in g2.values())) < clip
+    lr = 0.1
+    tx = stages.make_optimizer(types.SimpleNamespace(learning_rate=lr, momentum=momentum,
+                                                     weight_decay=wd, grad_clip_norm=clip))
+    p = jax.tree.map(jnp.asarray, params)
+    opt_state = tx.init(p)
+    for step, g in enumerate((g1, g2), start=1):
+        updates, opt_state = tx.update(jax.tree.map(jnp.asarray, g), opt_state, p)
+        p = jax.tree.map(lambda x, u: x + u, p, updates)
+        expected = _np_sgd(params, (g1, g2)[:step], lr, momentum, wd, clip)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(p[k]), expected[k], rtol=1e-6, atol=1e-7,
+                                       err_msg=f"step {step} leaf {k}")
+
+
+def test_make_optimizer_clipping_changes_the_step() -> None:
+    # The same gradients with and without clipping give different steps (the clip is active).
+    params = {"a": jnp.ones(3)}
+    g = {"a": jnp.array([3.0, 4.0, 0.0])}                # norm 5
+    steps = []
+    for clip in (0.0, 1.0):
+        tx = stages.make_optimizer(types.SimpleNamespace(learning_rate=1.0, momentum=0.0,
+                                                         weight_decay=0.0, grad_clip_norm=clip))
+        steps.append(np.asarray(tx.update(g, tx.init(params), params)[0]["a"]))
+    np.testing.assert_allclose(steps[0], [-3.0, -4.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(steps[1], [-0.6, -0.8, 0.0], rtol=1e-6)
+
+
+def test_init_model_state_and_variables() -> None:
+    _, experts, collective, heads, _, _, _, _ = _setup()
+    assert set(collective.variables()) == {"params", "batch_stats"}
+    assert set(collective.params) == {"backbone", "head"}
+    assert heads.batch_stats == {}
+    assert set(agents.agent_slice(heads, 0).variables()) == {"params"}
+    assert agents.num_agents(experts) == K and agents.num_agents(heads) == K
+    # Heads have S's head shape: they apply to S's backbone features.
+    chex.assert_trees_all_equal_shapes(agents.agent_slice(heads, 0).params, collective.params["head"])
+
+
+# ----------------------------------------------------------------------------- stage 2: collective
+
+
+@functools.lru_cache(maxsize=None)
+def _collective_reference(with_teachers: bool):
+    """L_CC step by hand: teachers' logits agent by agent, losses.collaboration_loss, grad, update."""
+    tx, experts, collective, _, _, _, pooled, _ = _setup()
+    rng = jax.random.key(3)
+
+    @jax.jit
+    def reference(state, batch, rng, teacher_list):
+        aug_rng, dropout_rng = jax.random.split(rng)
+        x = _augment(batch["image"], aug_rng)
+        if teacher_list is None:
+            teacher_logits = jnp.zeros((K,) + (B, C))          # unused: kd_weight 0 below
+        else:
+            teacher_logits = jnp.stack([EXPERT.apply(v, x, train=False) for v in teacher_list])
+        kd_weight = LOSS.kd_weight if teacher_list is not None else 0.0
+
+        def loss_fn(params):
+            logits, new_vars = COLLECTIVE.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                                                train=True, mutable=["batch_stats"],
+                                                rngs={"dropout": dropout_rng})
+            total, terms = losses.collaboration_loss(
+                logits, batch["label"], teacher_logits, CLASS_OWNER, kd_teachers=LOSS.kd_teachers,
+                kd_weight=kd_weight, kd_temperature=LOSS.kd_temperature,
+                align_weight=LOSS.align_weight, energy_anchor=LOSS.energy_anchor,
+                energy_temperature=LOSS.energy_temperature)
+            return total, (new_vars["batch_stats"], logits, terms)
+
+        (_, (stats, logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return _apply_updates(state, grads, stats, tx), terms, logits
+
+    teacher_list = [agents.agent_slice(experts.variables(), a) for a in range(K)] if with_teachers else None
+    return rng, reference(collective, pooled, rng, teacher_list)
+
+
+@pytest.mark.parametrize("with_teachers", [False, True])
+def test_collective_step_equals_collaboration_loss_by_hand(with_teachers) -> None:
+    tx, experts, collective, _, _, _, pooled, _ = _setup()
+    rng, (expected_state, expected_terms, logits) = _collective_reference(with_teachers)
+    step = jax.jit(functools.partial(stages.collective_step, network=COLLECTIVE, teacher_network=EXPERT,
+                                     tx=tx, augment=_augment, class_owner=CLASS_OWNER, loss_config=LOSS))
+    teachers = experts.variables() if with_teachers else None
+    new_state, metrics = step(collective, pooled, rng, teachers)
+    assert set(metrics) == {"ce", "kd", "align", "total", "accuracy"}
+    for name in ("ce", "align", "total"):
+        np.testing.assert_allclose(float(metrics[name]), float(expected_terms[name]), **TOL, err_msg=name)
+    if with_teachers:
+        np.testing.assert_allclose(float(metrics["kd"]), float(expected_terms["kd"]), **TOL)
+        assert float(metrics["kd"]) > 0
+        np.testing.assert_allclose(float(metrics["total"]),
+                                   float(metrics["ce"] + LOSS.kd_weight * metrics["kd"]
+                                         + LOSS.align_weight * metrics["align"]), rtol=1e-5)
+    else:
+        assert float(metrics["kd"]) == 0.0
+        np.testing.assert_allclose(float(metrics["total"]),
+                                   float(metrics["ce"] + LOSS.align_weight * metrics["align"]), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["accuracy"]),
+                               np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(pooled["label"])))
+    chex.assert_trees_all_close(new_state.params, expected_state.params, **TOL)
+    chex.assert_trees_all_close(new_state.batch_stats, expected_state.batch_stats, **TOL)
+    chex.assert_trees_all_close(new_state.opt_state, expected_state.opt_state, **TOL)
+    assert not np.allclose(np.asarray(new_state.params["head"]["logits"]["kernel"]),
+                           np.asarray(collective.params["head"]["logits"]["kernel"]))
+
+
+def test_collective_step_teachers_change_the_update() -> None:
+    # KD with these teachers is a real term: the two steps differ.
+    state_none = _collective_reference(False)[1][0]
+    state_kd = _collective_reference(True)[1][0]
+    assert not np.allclose(np.asarray(state_none.params["head"]["logits"]["kernel"]),
+                           np.asarray(state_kd.params["head"]["logits"]["kernel"]))
+
+
+# ----------------------------------------------------------------------------- stage 3: altruism
+
+
+@functools.lru_cache(maxsize=None)
+def _frozen_forward():
+    """Per agent k: S's backbone features of x[k] and expert k's logits of x[k] (eval mode)."""
+    _, experts, collective, _, _, _, _, per_agent = _setup()
+
+    @jax.jit
+    def forward(bb_vars, expert_list, images):
+        x = _augment(images, None)
+        features = jnp.stack([BACKBONE.apply(bb_vars, x[a], train=False) for a in range(K)])
+        teacher = jnp.stack([EXPERT.apply(expert_list[a], x[a], train=False) for a in range(K)])
+        return features, teacher
+
+    bb_vars = {"params": collective.params["backbone"], "batch_stats": collective.batch_stats["backbone"]}
+    expert_list = [agents.agent_slice(experts.variables(), a) for a in range(K)]
+    return bb_vars, forward(bb_vars, expert_list, per_agent["image"])
+
+
+def _head_step_by_hand(state_k, features_k, labels_k, teacher_k, rng_k, tx):
+    def loss_fn(params):
+        logits = HEAD.apply({"params": params}, features_k, train=True, rngs={"dropout": rng_k})
+        total, terms = losses.altruism_loss(
+            logits, labels_k, teacher_k, kd_weight=LOSS.ra_kd_weight, kd_temperature=LOSS.kd_temperature,
+            align_weight=LOSS.align_weight, energy_anchor=LOSS.energy_anchor,
+            energy_temperature=LOSS.energy_temperature)
+        return total, (terms, logits)
+
+    (_, (terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state_k.params)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels_k)
+    return _apply_updates(state_k, grads, {}, tx), {**terms, "accuracy": acc}
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "unroll"])
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_altruism_step_equals_per_agent_head_updates(with_teacher, strategy) -> None:
+    if strategy == "unroll" and not with_teacher:
+        pytest.skip("one unrolled case is enough (compile time)")
+    tx, experts, _, heads, _, _, _, per_agent = _setup()
+    bb_vars, (features, teacher_logits) = _frozen_forward()
+    rng = jax.random.key(11)
+    frozen = {"backbone": bb_vars}
+    if with_teacher:
+        frozen["teacher"] = experts.variables()
+    step = jax.jit(functools.partial(stages.altruism_step, backbone=BACKBONE, head=HEAD,
+                                     teacher_network=EXPERT, teacher_is_stacked=True, tx=tx,
+                                     augment=_augment, loss_config=LOSS, strategy=strategy))
+    new_state, metrics = step(heads, per_agent, rng, frozen)
+    # By hand, with the same keys as the step: aug_rng, rng = split(rng); one key per agent.
+    _, head_rng = jax.random.split(rng)
+    keys = jax.random.split(head_rng, K)
+    expected = agents.stack_agents([
+        _head_step_by_hand(agents.agent_slice(heads, a), features[a], per_agent["label"][a],
+                           teacher_logits[a] if with_teacher else None, keys[a], tx)
+        for a in range(K)])
+    expected_state, expected_metrics = expected
+    # Only the heads are trained: the new state is a head state, no BatchNorm statistics.
+    assert jax.tree.structure(new_state) == jax.tree.structure(heads)
+    assert new_state.batch_stats == {}
+    assert _changed_per_agent(heads.params, new_state.params).all()
+    chex.assert_trees_all_close(new_state.params, expected_state.params, **TOL)
+    chex.assert_trees_all_close(new_state.opt_state, expected_state.opt_state, **TOL)
+    chex.assert_trees_all_close(metrics, expected_metrics, **TOL)
+    assert metrics["kd"].shape == (K,)
+    if with_teacher:
+        assert np.all(np.asarray(metrics["kd"]) > 0)
+    else:
+        np.testing.assert_array_equal(np.asarray(metrics["kd"]), np.zeros(K))
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_logits():
+    """Every model's eval-mode logits on the test images, agent by agent."""
+    _, experts, collective, heads, collective_ce, heads_ce, _, _ = _setup()
+    images = jnp.asarray(np.random.default_rng(5).integers(0, 256, (8, 8, 8, 1)), jnp.uint8)
+
+    @jax.jit
+    def forward(experts_v, s_v, heads_v, s_ce_v, heads_ce_v):
+        x = _normalize(images)
+        out = {"experts": jnp.stack([EXPERT.apply(agents.agent_slice(experts_v, a), x, train=False)
+                                     for a in range(K)])}
+        for name, s, h in (("cc", s_v, heads_v), ("ce", s_ce_v, heads_ce_v)):
+            feats = BACKBONE.apply({"params": s["params"]["backbone"],
+                                    "batch_stats": s["batch_stats"]["backbone"]}, x, train=False)
+            out[name] = COLLECTIVE.apply(s, x, train=False)
+            out[name + "_heads"] = jnp.stack([HEAD.apply(agents.agent_slice(h, a), feats, train=False)
+                                              for a in range(K)])
+        return out
+
+    variables = {"experts": experts.variables(), "collective": collective.variables(),
+                 "heads": heads.variables(), "collective_ce": collective_ce.variables(),
+                 "heads_ce": heads_ce.variables()}
+    logits = jax.tree.map(lambda v: np.asarray(v, np.float64), forward(*variables.values()))
+    return variables, images, logits
+
+
+def _np_route(stack):
+    """[M, B, C] -> [B] prediction of the model with the highest logsumexp (first on ties)."""
+    m = np.argmax(special.logsumexp(stack, axis=-1), axis=0)
+    return np.array([np.argmax(stack[m[b], b]) for b in range(stack.shape[1])])
+
+
+def _np_grown(s, heads):
+    """[K, B, C] logits: own head if strictly more confident than S, else S."""
+    own = special.logsumexp(heads, axis=-1) > special.logsumexp(s, axis=-1)[None]
+    return np.where(own[..., None], heads, s[None])
+
+
+@pytest.mark.parametrize("present", [("experts",), ("experts", "collective", "heads"),
+                                     ("experts", "collective", "heads", "collective_ce", "heads_ce")])
+def test_predict_step_rows(present) -> None:
+    all_vars, images, logits = _eval_logits()
+    step = jax.jit(functools.partial(stages.predict_step, expert_network=EXPERT, collective_network=COLLECTIVE,
+                                     backbone=BACKBONE, head=HEAD, normalize=_normalize))
+    out = step({k: all_vars[k] for k in present}, images)
+    n = images.shape[0]
+    expected = {"before_growth": np.argmax(logits["experts"], -1),
+                "society_before_growth": _np_route(logits["experts"])}
+    if "collective" in present:
+        grown = _np_grown(logits["cc"], logits["cc_heads"])
+        expected.update(cc=np.argmax(logits["cc"], -1), after_growth=np.argmax(grown, -1),
+                        society_after_growth=_np_route(grown))
+    if "collective_ce" in present:
+        grown = _np_grown(logits["ce"], logits["ce_heads"])
+        expected.update(ce=np.argmax(logits["ce"], -1), ra_only=np.argmax(grown, -1),
+                        society_ra_only=_np_route(grown))
+    assert set(out) == set(expected)
+    for key, value in expected.items():
+        per_agent = key in ("before_growth", "after_growth", "ra_only")
+        assert out[key].shape == ((K, n) if per_agent else (n,)), key
+        assert jnp.issubdtype(out[key].dtype, jnp.integer), key
+        np.testing.assert_array_equal(np.asarray(out[key]), value, err_msg=key)
+
+
+def test_predict_step_collective_without_heads() -> None:
+    all_vars, images, logits = _eval_logits()
+    out = stages.predict_step({"collective": all_vars["collective"]}, images, expert_network=EXPERT,
+                              collective_network=COLLECTIVE, backbone=BACKBONE, head=HEAD,
+                              normalize=_normalize)
+    assert set(out) == {"cc"}
+    np.testing.assert_array_equal(np.asarray(out["cc"]), np.argmax(logits["cc"], -1))
