@@ -32,16 +32,33 @@ class NoGoodCheckpointError(RuntimeError):
   """Checkpoints exist but none can be restored."""
 
 
-def _shapes_match(restored: PyTree, abstract: PyTree) -> str | None:
-  """None if ``restored`` has ``abstract``'s structure, shapes and dtypes; else why not."""
-  if jax.tree.structure(restored) != jax.tree.structure(abstract):
-    return "its tree structure differs from this config's models"
-  for path, got, want in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
-                             jax.tree.leaves(restored), jax.tree.leaves(abstract)):
-    if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-      return (f"{jax.tree_util.keystr(path[0])} has shape {tuple(got.shape)} {got.dtype}, "
-              f"this config needs {tuple(want.shape)} {want.dtype}")
-  return None
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint of other models (another config): not damaged, not usable."""
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  """``{"experts.params.backbone.conv0.kernel": shape, ...}``, Orbax's leaf names."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]) -> str | None:
+  """None if the saved leaves are exactly the wanted ones; else the first differences."""
+  problems = [f"{name} is missing" for name in sorted(set(wanted) - set(saved))]
+  problems += [f"{name} is not part of this config" for name in sorted(set(saved) - set(wanted))]
+  problems += [f"{name} has shape {saved[name]}, this config needs {wanted[name]}"
+               for name in sorted(set(saved) & set(wanted)) if saved[name] != wanted[name]]
+  if not problems:
+    return None
+  more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+  return "; ".join(problems[:3]) + more
 
 
 class Checkpointer:
@@ -53,7 +70,9 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              cleanup_tmp_directories=True),
-        item_names=("state", "meta"))
+        item_names=("state", "meta"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -69,7 +88,18 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: PyTree,
               shardings: PyTree | None = None) -> tuple[PyTree, dict]:
-    """Restore one step into ``abstract_state``'s structure (and shardings)."""
+    """Restore one step into ``abstract_state``'s structure (and shardings).
+
+    Raises:
+      CheckpointMismatchError: the checkpoint holds models of other shapes.
+      Exception: anything else Orbax raises on a damaged checkpoint.
+    """
+    # Compare shapes from the metadata first: a clear message, and no read of
+    # arrays that cannot fit.
+    saved = leaf_shapes(self._manager.item_metadata(step)["state"])
+    problem = mismatch(saved, leaf_shapes(abstract_state))
+    if problem is not None:
+      raise CheckpointMismatchError(f"checkpoint {step} does not fit this config: {problem}")
     if shardings is not None:
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract_state, shardings)
@@ -78,9 +108,6 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     state, meta = restored["state"], restored["meta"]
-    mismatch = _shapes_match(state, abstract_state)
-    if mismatch is not None:
-      raise ValueError(f"checkpoint {step} does not fit this config: {mismatch}")
     if not isinstance(meta, dict) or "stage" not in meta:
       raise ValueError(f"checkpoint {step} has no run position in its metadata")
     return state, meta
@@ -89,9 +116,10 @@ class Checkpointer:
                           log=logging.warning) -> tuple[int, PyTree, dict] | None:
     """The newest checkpoint that restores cleanly, or None if there are none.
 
-    Bad checkpoints (unreadable, truncated, wrong shapes) are reported through
-    ``log`` and moved to ``<directory>/bad/`` so later saves do not collide
-    with them.
+    Damaged checkpoints (unreadable, truncated, missing items) are reported
+    through ``log`` and moved to ``<directory>/bad/`` so later saves do not
+    collide with them. Checkpoints of other shapes (another config) are
+    reported and left in place.
 
     Raises:
       NoGoodCheckpointError: checkpoints exist but none restores.
@@ -104,14 +132,16 @@ class Checkpointer:
       try:
         state, meta = self.restore(step, abstract_state, shardings)
         return step, state, meta
+      except CheckpointMismatchError as e:
+        problems.append(str(e))
+        log(f"{e}; trying the previous one")
       except Exception as e:  # noqa: BLE001 - any failure means: do not trust it
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        problems.append(f"step {step}: {reason}")
+        problems.append(f"checkpoint {step} is damaged ({reason}); moved to {self.directory}/bad/")
         log(f"checkpoint at step {step} is unusable ({reason}); trying the previous one")
         self._set_aside(step)
     raise NoGoodCheckpointError(
-        f"no usable checkpoint in {self.directory} (moved to {self.directory}/bad/):\n  "
-        + "\n  ".join(problems)
+        f"no usable checkpoint in {self.directory}:\n  " + "\n  ".join(problems)
         + "\nRefusing to start over on top of them: remove the workdir or pass a new --workdir.")
 
   def _set_aside(self, step: int) -> None:
