@@ -1,0 +1,31 @@
+"""README's code must run as written: its Python snippet, and its test command in .ci/run."""
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def readme():
+  with open(os.path.join(REPO, "README.md")) as f:
+    return f.read()
+
+
+def test_python_snippet_runs():
+  snippet = re.findall(r"```python\n(.*?)```", readme(), re.S)[0]
+  out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "(4, 8, 100)" in out.stdout and "nan" not in out.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+  commands = re.findall(r"```bash\n(.*?)```", readme(), re.S)
+  setup_and_test = commands[1].strip()
+  test_command = setup_and_test.split("&&")[-1].strip()
+  with open(os.path.join(REPO, ".ci", "run")) as f:
+    ci = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+  assert ci[-1] == test_command
+  assert 'pip install -q -e ".[test]"' in " ".join(ci)
