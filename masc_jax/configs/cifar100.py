@@ -13,11 +13,4 @@ from masc_jax.configs import common
 
 
 def get_config(arg: str | None = None):
-  config = common.base_config()
-  config.dataset = "cifar100"
-  config.num_agents = 4
-  if arg == "quick":
-    config.epochs.experts = config.epochs.collective = config.epochs.altruism = 2
-  elif arg:
-    raise ValueError(f"cifar100 config takes no argument or 'quick', got {arg!r}")
-  return config
+  return common.paper_config("cifar100", num_agents=4, arg=arg)

@@ -77,3 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Fault injection for tests: poison the loss at this global step (-1: never).
   config.debug_nan_step = -1
   return config
+
+
+def paper_config(dataset: str, num_agents: int, arg: str | None) -> ml_collections.ConfigDict:
+  """The paper's protocol on a CIFAR dataset; ``arg="quick"``: 2 epochs per stage."""
+  config = base_config()
+  config.dataset = dataset
+  config.num_agents = num_agents
+  if arg == "quick":
+    config.epochs.experts = config.epochs.collective = config.epochs.altruism = 2
+  elif arg:
+    raise ValueError(f"the {dataset} config takes no argument or 'quick', got {arg!r}")
+  return config

@@ -1,32 +1,25 @@
-"""A tiny config for tests: digits, K=5 x 2, very narrow networks, a few steps per stage.
+"""A tiny config for tests: the digits protocol (K=5 x 2) with very narrow networks, 1 epoch per stage.
 
     python -m masc_jax.main --config=tiny --workdir=/tmp/masc_tiny
 
 Seconds on a CPU; the numbers it reports mean nothing.
 """
 
-from masc_jax.configs import common
+from masc_jax.configs import digits
 
 
 def get_config(arg: str | None = None):
   if arg:
     raise ValueError(f"tiny config takes no argument, got {arg!r}")
-  config = common.base_config()
-  config.dataset = "digits"
-  config.num_agents = 5
-  config.augment.crop_padding = 1
-  config.augment.flip = False
+  config = digits.get_config()
   config.model.expert_widths = (4, 8)
   config.model.collective_widths = (8, 8)
   config.model.pool_after = (0, 1)
   config.model.head_hidden = (16,)
   config.model.dropout_rate = 0.1
-  config.optim.learning_rate = 0.05
   config.batch_size = 16
   config.eval_batch_size = 250
-  config.epochs.experts = 1
-  config.epochs.collective = 1
-  config.epochs.altruism = 1
+  config.epochs.experts = config.epochs.collective = config.epochs.altruism = 1
   config.log_every_steps = 5
   config.checkpoint_every_steps = 10
   return config
