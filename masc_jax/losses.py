@@ -124,9 +124,9 @@ def amalgamated_teacher_logits(agent_logits: jax.Array, class_owner: jax.Array) 
   chex.assert_rank(agent_logits, 3)
   chex.assert_rank(class_owner, 1)
   chex.assert_axis_dimension(class_owner, 0, agent_logits.shape[2])
-  # One-hot over agents, then a sum: a gather that is cheap on every backend.
-  owner_one_hot = jax.nn.one_hot(class_owner, agent_logits.shape[0], dtype=agent_logits.dtype)
-  return jnp.einsum("kbc,ck->bc", agent_logits, owner_one_hot)
+  # A gather, not a one-hot matmul: exact on every backend (no TF32/bf16 passes).
+  num_classes = agent_logits.shape[2]
+  return agent_logits[class_owner, :, jnp.arange(num_classes)].T
 
 
 def owner_teacher_logits(agent_logits: jax.Array, labels: jax.Array,
@@ -145,8 +145,7 @@ def owner_teacher_logits(agent_logits: jax.Array, labels: jax.Array,
   chex.assert_rank([labels, class_owner], 1)
   chex.assert_axis_dimension(labels, 0, agent_logits.shape[1])
   owner = class_owner[labels]                                   # [B]
-  owner_one_hot = jax.nn.one_hot(owner, agent_logits.shape[0], dtype=agent_logits.dtype)
-  return jnp.einsum("kbc,bk->bc", agent_logits, owner_one_hot)
+  return agent_logits[owner, jnp.arange(agent_logits.shape[1])]
 
 
 def collaboration_loss(student_logits: jax.Array, labels: jax.Array,

@@ -79,11 +79,16 @@ def expert_general(predictions: np.ndarray, labels: np.ndarray,
 
 
 def directionality(group_acc: np.ndarray) -> bool:
-  """True if for every group g, agent g's accuracy on g is the highest (ties allowed)."""
-  group_acc = np.asarray(group_acc)
+  """True if for every group g, agent g's accuracy on g is the highest (ties allowed).
+
+  Groups without test images (NaN columns) say nothing and are skipped.
+  """
+  group_acc = np.asarray(group_acc, dtype=float)
   if group_acc.ndim != 2 or group_acc.shape[0] != group_acc.shape[1]:
     raise ValueError(f"group accuracy must be [K, K], got shape {group_acc.shape}")
-  return bool(np.all(np.diag(group_acc) >= group_acc.max(axis=0)))
+  present = ~np.all(np.isnan(group_acc), axis=0)
+  acc = group_acc[:, present]
+  return bool(np.all(np.diag(group_acc)[present] >= acc.max(axis=0)))
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

@@ -19,9 +19,9 @@ from scipy import special, stats
 from masc_jax import losses
 
 B, C, K = 6, 5, 3
-# A non-contiguous owner map (agent 2 owns classes 0 and 4, ...) so that any
+# A non-contiguous, non-palindromic owner map (agent 2 owns class 0, ...) so that any
 # "class c belongs to agent c // (C // K)" shortcut would fail.
-CLASS_OWNER = np.array([2, 0, 1, 0, 2])
+CLASS_OWNER = np.array([2, 0, 1, 1, 0])
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

@@ -9,6 +9,7 @@ statistics.
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,20 @@ def np_conv3x3(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return out
 
 
+def np_conv3x3_grads(x: np.ndarray, kernel: np.ndarray, cot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dx, dkernel) of sum(conv(x, kernel) * cot): the adjoint of a SAME 3x3 correlation."""
+    x, kernel, cot = (np.asarray(a, np.float64) for a in (x, kernel, cot))
+    _, h, w, _ = x.shape
+    # dx: correlation of the cotangent with the spatially flipped, in/out-swapped kernel.
+    dx = np_conv3x3(cot, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dk = np.zeros(kernel.shape)
+    for i in range(3):
+        for j in range(3):
+            dk[i, j] = np.einsum("bhwc,bhwo->co", xp[:, i:i + h, j:j + w, :], cot)
+    return dx, dk
+
+
 def _conv_inputs(b, h, w, cin, cout, seed=0, k=None):
     rng = np.random.default_rng(seed)
     lead = () if k is None else (k,)
@@ -45,54 +60,85 @@ def _conv_inputs(b, h, w, cin, cout, seed=0, k=None):
 CONV_CASES = [(1, 1, 1, 3), (2, 2, 3, 5), (3, 3, 4, 2), (4, 4, 2, 8), (8, 8, 3, 4), (2, 5, 1, 6)]
 
 
+@jax.jit
+def _conv_all_impls(x, kernel, cot):
+    """Value and (dx, dkernel) for every impl, in one compiled program."""
+    out = {}
+    for impl in models.CONV_IMPLS:
+        value, vjp = jax.vjp(functools.partial(models.conv3x3, impl=impl), x, kernel)
+        out[impl] = (value, *vjp(cot))
+    return out
+
+
 @pytest.mark.parametrize("h,w,cin,cout", CONV_CASES)
 def test_conv3x3_impls_match_numpy_and_each_other(h, w, cin, cout) -> None:
     x, kernel, cot = _conv_inputs(2, h, w, cin, cout, seed=h * 10 + w)
     expected = np_conv3x3(x, kernel)
-    outs, grads = {}, {}
-    for impl in ("xla", "im2col", "auto"):
-        out, vjp = jax.vjp(functools.partial(models.conv3x3, impl=impl), x, kernel)
+    results = _conv_all_impls(x, kernel, cot)
+    for impl in models.CONV_IMPLS:
+        out = results[impl][0]
         assert out.shape == (2, h, w, cout)
         np.testing.assert_allclose(np.asarray(out), expected, **TOL, err_msg=impl)
-        outs[impl], grads[impl] = out, vjp(cot)
+    expected_grads = np_conv3x3_grads(x, kernel, cot)
+    for impl in models.CONV_IMPLS:
+        for name, g_ref, g in zip(("dx", "dkernel"), expected_grads, results[impl][1:]):
+            np.testing.assert_allclose(np.asarray(g), g_ref, rtol=1e-5, atol=1e-4, err_msg=f"{impl} {name}")
     for impl in ("im2col", "auto"):
-        for name, g_ref, g in zip(("dx", "dkernel"), grads["xla"], grads[impl]):
+        for name, g_ref, g in zip(("dx", "dkernel"), results["xla"][1:], results[impl][1:]):
             np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), **TOL, err_msg=f"{impl} {name}")
-    # The input gradient is not trivially zero (the cotangent reaches every input pixel).
-    assert np.abs(np.asarray(grads["xla"][0])).min() > 0 or h * w == 1
+    # Neither gradient is trivially zero.
+    assert np.abs(np.asarray(results["xla"][1])).max() > 0.1
+    assert np.abs(np.asarray(results["xla"][2])).max() > 0.1
 
 
 def test_conv3x3_gradient_matches_finite_differences() -> None:
-    # An independent check of the (shared) gradient: central differences in float64 NumPy.
+    # Checks the reference gradients above (and the library's) by central differences.
     x, kernel, cot = _conv_inputs(1, 3, 3, 2, 2, seed=5)
-    _, vjp = jax.vjp(functools.partial(models.conv3x3, impl="im2col"), x, kernel)
-    dx, dk = vjp(cot)
+    dx, dk = np_conv3x3_grads(x, kernel, cot)
+    got = _conv_all_impls(x, kernel, cot)["im2col"]
     f = lambda xx, kk: float(np.sum(np_conv3x3(xx, kk) * np.asarray(cot, np.float64)))
     xn, kn = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
     eps = 1e-4
     for idx in [(0, 0, 0, 0), (0, 1, 2, 1), (0, 2, 2, 0)]:
         e = np.zeros_like(xn)
         e[idx] = eps
-        np.testing.assert_allclose(float(dx[idx]), (f(xn + e, kn) - f(xn - e, kn)) / (2 * eps), rtol=1e-4, atol=1e-4)
+        fd = (f(xn + e, kn) - f(xn - e, kn)) / (2 * eps)
+        np.testing.assert_allclose(dx[idx], fd, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(float(got[1][idx]), fd, rtol=1e-4, atol=1e-4)
     for idx in [(0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 1, 0)]:
         e = np.zeros_like(kn)
         e[idx] = eps
-        np.testing.assert_allclose(float(dk[idx]), (f(xn, kn + e) - f(xn, kn - e)) / (2 * eps), rtol=1e-4, atol=1e-4)
+        fd = (f(xn, kn + e) - f(xn, kn - e)) / (2 * eps)
+        np.testing.assert_allclose(dk[idx], fd, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(float(got[2][idx]), fd, rtol=1e-4, atol=1e-4)
+
+
+@jax.jit
+def _vmapped_impls(x, kernel, cot):
+    out = {}
+    for impl in ("xla", "im2col"):
+        value, vjp = jax.vjp(jax.vmap(functools.partial(models.conv3x3, impl=impl)), x, kernel)
+        out[impl] = (value, *vjp(cot))
+    return out
 
 
 @pytest.mark.parametrize("h,w", [(1, 1), (2, 2), (4, 4), (8, 8)])
 def test_conv3x3_vmapped_per_agent_kernels(h, w) -> None:
     k, cin, cout = 3, 2, 4
     x, kernel, cot = _conv_inputs(2, h, w, cin, cout, seed=7, k=k)
-    results = {}
-    for impl in ("xla", "im2col"):
-        fn = jax.vmap(functools.partial(models.conv3x3, impl=impl))
-        out, vjp = jax.vjp(fn, x, kernel)
-        results[impl] = (out, *vjp(cot))
-        for a in range(k):
-            np.testing.assert_allclose(np.asarray(out[a]), np_conv3x3(x[a], kernel[a]), **TOL)
+    results = _vmapped_impls(x, kernel, cot)
+    for a in range(k):
+        expected = np_conv3x3(x[a], kernel[a])
+        for impl in ("xla", "im2col"):
+            np.testing.assert_allclose(np.asarray(results[impl][0][a]), expected, **TOL, err_msg=impl)
     for ref, got in zip(results["xla"], results["im2col"]):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), **TOL)
+    # Per-agent gradients: agent a's gradients only see agent a's inputs and kernel.
+    for a in range(k):
+        dx, dk = np_conv3x3_grads(x[a], kernel[a], cot[a])
+        for impl in ("xla", "im2col"):
+            np.testing.assert_allclose(np.asarray(results[impl][1][a]), dx, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(np.asarray(results[impl][2][a]), dk, rtol=1e-5, atol=1e-4)
 
 
 def test_im2col_accepts_extra_leading_dims() -> None:
@@ -163,22 +209,57 @@ def test_network_param_tree_split_into_backbone_and_head() -> None:
     assert params["head"]["logits"]["kernel"].shape == (HIDDEN[-1], C)
 
 
-def test_backbone_of_and_head_of_reproduce_network() -> None:
-    variables, x = _net_setup()
+@jax.jit
+def _full_and_composed(variables, x):
     full = NET.apply(variables, x, train=False)
     bb_vars = {"params": variables["params"]["backbone"],
                "batch_stats": variables["batch_stats"]["backbone"]}
     features = models.backbone_of(NET).apply(bb_vars, x, train=False)
-    # 8x8 -> pool -> 4x4 -> pool -> 2x2, times 8 channels.
-    assert features.shape == (B, 2 * 2 * WIDTHS[-1])
     composed = models.head_of(NET).apply({"params": variables["params"]["head"]}, features, train=False)
-    np.testing.assert_array_equal(np.asarray(composed), np.asarray(full))
-    # In train mode the backbone alone updates the same BatchNorm statistics.
     _, net_vars = NET.apply(variables, x, train=True, mutable=["batch_stats"],
                             rngs={"dropout": jax.random.key(0)})
     _, bb_new = models.backbone_of(NET).apply(bb_vars, x, train=True, mutable=["batch_stats"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6),
-                 net_vars["batch_stats"]["backbone"], bb_new["batch_stats"])
+    return full, features, composed, net_vars["batch_stats"]["backbone"], bb_new["batch_stats"]
+
+
+def test_backbone_of_and_head_of_reproduce_network() -> None:
+    variables, x = _net_setup()
+    full, features, composed, net_stats, bb_stats = _full_and_composed(variables, x)
+    # 8x8 -> pool -> 4x4 -> pool -> 2x2, times 8 channels.
+    assert features.shape == (B, 2 * 2 * WIDTHS[-1])
+    np.testing.assert_array_equal(np.asarray(composed), np.asarray(full))
+    # In train mode the backbone alone updates the same BatchNorm statistics.
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), net_stats, bb_stats)
+    # Not a trivial equality: the statistics did move.
+    assert not np.allclose(np.asarray(bb_stats["bn1"]["mean"]),
+                           np.asarray(variables["batch_stats"]["backbone"]["bn1"]["mean"]))
+
+
+def test_head_of_and_backbone_of_keep_the_network_fields() -> None:
+    net = models.Network(widths=(3, 5), pool_after=(1,), head_hidden=(7, 6), num_classes=4,
+                         dropout_rate=0.3, conv_impl="im2col")
+    head, backbone = models.head_of(net), models.backbone_of(net)
+    assert (tuple(head.hidden), head.num_classes, head.dropout_rate) == ((7, 6), 4, 0.3)
+    assert (tuple(backbone.widths), tuple(backbone.pool_after), backbone.conv_impl) == ((3, 5), (1,), "im2col")
+    # The standalone head drops out in train mode (a new RA head trains with dropout).
+    feats = jnp.asarray(np.random.default_rng(0).standard_normal((16, 10)), jnp.float32)
+
+    @jax.jit
+    def two_train_passes(feats):
+        params = head.init({"params": jax.random.key(0)}, feats, train=False)
+        return [head.apply(params, feats, train=True, rngs={"dropout": jax.random.key(i)}) for i in (1, 2)]
+
+    a, b = two_train_passes(feats)
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+def test_make_network_reads_the_model_config() -> None:
+    model_config = types.SimpleNamespace(pool_after=[0, 2], head_hidden=[12], dropout_rate=0.25,
+                                         conv_impl="xla")
+    net = models.make_network(model_config, num_classes=7, widths=[3, 4, 5])
+    assert isinstance(net, models.Network)
+    assert (net.widths, net.pool_after, net.head_hidden) == ((3, 4, 5), (0, 2), (12,))
+    assert (net.num_classes, net.dropout_rate, net.conv_impl) == (7, 0.25, "xla")
 
 
 def test_batchnorm_statistics_update_only_in_train_mode() -> None:
@@ -228,7 +309,7 @@ def test_dropout_only_in_train_mode() -> None:
     eval_b, _ = apply(variables, x, jax.random.key(2), train=False)
     np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
     # Eval mode needs no dropout key at all.
-    np.testing.assert_allclose(np.asarray(NET.apply(variables, x, train=False)), np.asarray(eval_a),
+    np.testing.assert_allclose(np.asarray(_full_and_composed(variables, x)[0]), np.asarray(eval_a),
                                rtol=1e-6, atol=1e-6)
 
 

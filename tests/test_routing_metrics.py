@@ -299,3 +299,10 @@ def test_directionality_and_accuracy_shape_errors() -> None:
         metrics.directionality(np.zeros(3))
     with pytest.raises(ValueError):
         metrics.accuracy(np.zeros(3), np.zeros(4))
+
+
+def test_directionality_skips_groups_without_test_images():
+    acc = np.array([[0.9, np.nan, 0.1], [0.2, np.nan, 0.0], [0.3, np.nan, 0.8]])
+    assert metrics.directionality(acc)
+    acc[2, 0] = 0.95  # agent 2 now beats the owner on group 0
+    assert not metrics.directionality(acc)
