@@ -29,9 +29,11 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
   if strategy != "auto":
     return strategy
   backend = backend or jax.default_backend()
-  # Measured in benchmarks/agent_step.py (BUILD_NOTES.md): with im2col on the
-  # small maps, vmap's batched matmuls beat K unrolled programs on CPU too.
-  return "vmap"
+  # Measured with benchmarks/agent_step.py (BUILD_NOTES.md "Performance"): on
+  # XLA:CPU a vmapped convolution with per-agent kernels becomes a grouped
+  # convolution, 4x slower than K plain ones at K=4 (39 vs 157 agent-img/s).
+  # On TPU/GPU one batched program keeps the device full.
+  return "unroll" if backend == "cpu" else "vmap"
 
 
 def num_agents(stacked: PyTree) -> int:
