@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,3 +29,26 @@ def run_main(args, env_extra=None, timeout=600, **kwargs):
   env = {**os.environ, **(env_extra or {})}
   return subprocess.run([sys.executable, "-m", "masc_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def random_variables(module, sample, seed):
+  """The module's variables with random values (shapes from ``init`` traced, not compiled).
+
+  Kernels ~ U(+-1/sqrt(fan_in)), and non-trivial BatchNorm scales, biases and
+  running statistics, so that eval mode differs from a fresh initialisation.
+  """
+  shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, sample, train=False))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
+      value = rng.uniform(-bound, bound, leaf.shape)
+    elif name in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:                                                # bias, mean
+      value = 0.1 * rng.standard_normal(leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)

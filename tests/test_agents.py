@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from masc_jax import agents, losses, models, stages
+from conftest import random_variables
 
 STRATEGIES = ("vmap", "unroll")
 
@@ -142,22 +143,7 @@ def _augment(images, rng):
 
 def _random_state(seed, tx):
     """A tiny expert's state with random values (shapes from ``init`` traced, not compiled)."""
-    shapes = jax.eval_shape(lambda: NET.init({"params": jax.random.key(0)},
-                                             jnp.zeros((2, 8, 8, 1)), train=False))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
-            value = rng.uniform(-bound, bound, leaf.shape)
-        elif name in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, leaf.shape)
-        else:                                                # bias, mean
-            value = 0.1 * rng.standard_normal(leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    variables = random_variables(NET, jnp.zeros((2, 8, 8, 1)), seed)
     return stages.ModelState(params=variables["params"], batch_stats=variables["batch_stats"],
                              opt_state=tx.init(variables["params"]))
 

@@ -19,6 +19,7 @@ import pytest
 from scipy import special
 
 from masc_jax import agents, losses, models, stages
+from conftest import random_variables
 
 K, B, C = 3, 4, 6
 CLASS_OWNER = jnp.array([1, 0, 2, 0, 2, 1])           # agent owning each class
@@ -42,31 +43,8 @@ def _normalize(images):
     return images.astype(jnp.float32) / 255.0
 
 
-def _random_variables(module, sample, seed):
-    """The module's variables with random values (shapes from ``init`` traced, not compiled).
-
-    Kernels ~ U(+-1/sqrt(fan_in)), and non-trivial BatchNorm scales, biases and
-    running statistics, so that eval mode differs from a fresh initialisation.
-    """
-    shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, sample, train=False))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
-            value = rng.uniform(-bound, bound, leaf.shape)
-        elif name in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, leaf.shape)
-        else:                                                # bias, mean
-            value = 0.1 * rng.standard_normal(leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def _model_state(module, sample, seed, tx):
-    variables = _random_variables(module, sample, seed)
+    variables = random_variables(module, sample, seed)
     return stages.ModelState(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
                              opt_state=tx.init(variables["params"]))
 
