@@ -7,7 +7,9 @@ that computes the same values. ``tests`` in ``benchmarks/check_patches.py``
 original, forward and gradient. Nothing here is imported by the library.
 
 Patches:
-  maxpool      2x2/2 max-pool as reshape+max with a custom VJP whose gradient
+  maxpool      (now the library's own pooling: ``models.max_pool_2x2``; this
+               patch only matters for code that still calls ``nn.max_pool``)
+               2x2/2 max-pool as reshape+max with a custom VJP whose gradient
                goes to the first maximum of each window (exactly what XLA's
                select-and-scatter, JAX's autodiff of reduce_window max, does),
                computed with elementwise ops instead of the select-and-scatter /
@@ -23,52 +25,7 @@ import jax
 import jax.numpy as jnp
 
 
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 VALID max-pool over the two axes before the last: ``[..., H, W, C]``."""
-  return _pool_fwd(x)[0]
-
-
-def _windows(x):
-  *lead, h, w, c = x.shape
-  h2, w2 = h // 2, w // 2
-  x = x[..., : 2 * h2, : 2 * w2, :]
-  return x.reshape(*lead, h2, 2, w2, 2, c), (h, w)
-
-
-def _pool_fwd(x):
-  xr, _ = _windows(x)
-  y = jnp.max(xr, axis=(-4, -2))
-  return y, (x, y)
-
-
-def _pool_bwd(res, g):
-  x, y = res
-  xr, (h, w) = _windows(x)
-  taken = None
-  parts = []
-  # Window order of select-and-scatter: row-major over (dh, dw); the first maximum wins.
-  for dh in (0, 1):
-    for dw in (0, 1):
-      tap = xr[..., :, dh, :, dw, :]
-      hit = tap == y
-      if taken is not None:
-        hit = hit & ~taken
-      taken = hit if taken is None else (taken | hit)
-      parts.append(jnp.where(hit, g, jnp.zeros_like(g)))
-  # parts[2*dh + dw]: [..., h2, w2, c] -> [..., h2, 2, w2, 2, c]
-  stacked = jnp.stack(parts, axis=-2)                       # [..., h2, w2, 4, c]
-  *lead, h2, w2, _, c = stacked.shape
-  stacked = stacked.reshape(*lead, h2, w2, 2, 2, c)
-  stacked = jnp.moveaxis(stacked, -3, -4)                   # [..., h2, 2(dh), w2, 2(dw), c]
-  dx = stacked.reshape(*lead, 2 * h2, 2 * w2, c)
-  if (2 * h2, 2 * w2) != (h, w):
-    pad = [(0, 0)] * (dx.ndim - 3) + [(0, h - 2 * h2), (0, w - 2 * w2), (0, 0)]
-    dx = jnp.pad(dx, pad)
-  return (dx,)
-
-
-max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
+from masc_jax.models import max_pool_2x2  # adopted by the library (BUILD_NOTES.md)
 
 
 def apply(patches: Sequence[str]) -> list[str]:

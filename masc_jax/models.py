@@ -74,6 +74,61 @@ def conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 stride-2 VALID max-pool: ``[..., H, W, C] -> [..., H//2, W//2, C]``.
+
+  Equal in value and gradient to ``nn.max_pool(x, (2, 2), strides=(2, 2))``
+  (the gradient goes to the first maximum of each window, row-major, as XLA's
+  select-and-scatter does), but its backward pass is elementwise: XLA:CPU
+  compiles the default one into a variadic reduce-window plus a scatter that
+  took a quarter of the expert step (BUILD_NOTES.md "Performance").
+  """
+  return _pool_fwd(x)[0]
+
+
+def _windows(x):
+  *lead, h, w, c = x.shape
+  h2, w2 = h // 2, w // 2
+  x = x[..., : 2 * h2, : 2 * w2, :]
+  return x.reshape(*lead, h2, 2, w2, 2, c), (h, w)
+
+
+def _pool_fwd(x):
+  xr, _ = _windows(x)
+  y = jnp.max(xr, axis=(-4, -2))
+  return y, (x, y)
+
+
+def _pool_bwd(res, g):
+  x, y = res
+  xr, (h, w) = _windows(x)
+  taken = None
+  parts = []
+  # Window order of select-and-scatter: row-major over (dh, dw); the first maximum wins.
+  for dh in (0, 1):
+    for dw in (0, 1):
+      tap = xr[..., :, dh, :, dw, :]
+      hit = tap == y
+      if taken is not None:
+        hit = hit & ~taken
+      taken = hit if taken is None else (taken | hit)
+      parts.append(jnp.where(hit, g, jnp.zeros_like(g)))
+  # parts[2*dh + dw]: [..., h2, w2, c] -> [..., h2, 2, w2, 2, c]
+  stacked = jnp.stack(parts, axis=-2)                       # [..., h2, w2, 4, c]
+  *lead, h2, w2, _, c = stacked.shape
+  stacked = stacked.reshape(*lead, h2, w2, 2, 2, c)
+  stacked = jnp.moveaxis(stacked, -3, -4)                   # [..., h2, 2(dh), w2, 2(dw), c]
+  dx = stacked.reshape(*lead, 2 * h2, 2 * w2, c)
+  if (2 * h2, 2 * w2) != (h, w):
+    pad = [(0, 0)] * (dx.ndim - 3) + [(0, h - 2 * h2), (0, w - 2 * w2), (0, 0)]
+    dx = jnp.pad(dx, pad)
+  return (dx,)
+
+
+max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
+
+
 class Conv3x3(nn.Module):
   """3x3 SAME convolution with bias; ``impl`` picks how it is computed."""
   features: int
@@ -108,7 +163,7 @@ class Backbone(nn.Module):
                        name=f"bn{i}")(x)
       x = nn.relu(x)
       if i in self.pool_after:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
     return x.reshape(x.shape[:-3] + (-1,))
 
 

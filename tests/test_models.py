@@ -12,6 +12,7 @@ import functools
 import types
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -353,3 +354,26 @@ def test_feature_map_sizes_hand_worked() -> None:
 def test_feature_map_sizes_errors(hw, blocks, pools, match) -> None:
     with pytest.raises(ValueError, match=match):
         models.feature_map_sizes(hw, blocks, pools)
+
+
+@pytest.mark.parametrize("name, shape, kind", [
+    ("random", (3, 8, 8, 5), "normal"),
+    ("ties: small integers", (3, 8, 8, 5), "ints"),
+    ("ties: relu zeros", (2, 6, 6, 4), "relu"),
+    ("odd sizes", (2, 7, 5, 3), "normal"),
+    ("stacked [K, B, ...]", (2, 3, 4, 4, 2), "ints"),
+])
+def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(name, shape, kind):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape)
+    if kind == "ints":
+        x = rng.integers(0, 3, shape)
+    elif kind == "relu":
+        x = np.maximum(x, 0)
+    x = jnp.asarray(x, jnp.float32)
+    reference = lambda a: nn.max_pool(a, (2, 2), strides=(2, 2))
+    y_ref, vjp_ref = jax.vjp(reference, x)
+    y, vjp = jax.jit(lambda a: jax.vjp(models.max_pool_2x2, a))(x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref), err_msg=name)
+    g = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), err_msg=name)
