@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -348,7 +349,8 @@ class _SigtermFlag:
     self._previous = None
 
   def __enter__(self):
-    if threading_main():
+    # Signal handlers can only be installed from the main thread.
+    if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -359,11 +361,6 @@ class _SigtermFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-def threading_main() -> bool:
-  import threading
-  return threading.current_thread() is threading.main_thread()
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
