@@ -75,7 +75,7 @@ def measure(society, stage: str, steps: int, warmup: int, repeats: int) -> dict:
   key = jax.random.key(society.config.seed)
   init_key, train_key = jax.random.split(key)
   state = jax.jit(lambda: train.init_run_state(society, init_key))()
-  get_batch, _ = train.batch_source(society, stage)
+  get_batch = train.batch_source(society, stage)
   step_fn = train.stage_step(society, stage)
   shardings = train.state_shardings(society, {stage: state[stage]})[stage]
 

@@ -586,32 +586,6 @@ def plot_report(results: dict, path: str) -> None:
 # Per-step log
 # ----------------------------------------------------------------------------
 
-def _log_value(v: Any) -> Any:
-    """Metrics-log conversion: scalars via int()/float(), arrays to lists, non-finite -> None."""
-    if v is None or isinstance(v, (str, bool)):
-        return v
-    if isinstance(v, np.bool_):
-        return bool(v)
-    if isinstance(v, numbers.Integral):
-        return int(v)
-    if isinstance(v, Mapping):
-        return {str(k): _log_value(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_log_value(x) for x in v]
-    if hasattr(v, "__array__") or hasattr(v, "item"):
-        arr = np.asarray(v)
-        if arr.ndim == 0:
-            if arr.dtype.kind in "iu":
-                return int(arr)
-            if arr.dtype.kind == "b":
-                return bool(arr)
-            v = float(arr)
-        else:
-            return [_log_value(x) for x in arr.tolist()]
-    f = float(v)
-    return f if math.isfinite(f) else None
-
-
 class MetricsLogger:
     """Appends one JSON object per line to ``path`` (workdir/metrics.jsonl).
 
@@ -636,7 +610,7 @@ class MetricsLogger:
             return
         if self._closed:
             raise ValueError(f"MetricsLogger({self.path!r}) is closed")
-        line = json.dumps({str(k): _log_value(v) for k, v in record.items()}, allow_nan=False)
+        line = json.dumps({str(k): _to_jsonable(v) for k, v in record.items()}, allow_nan=False)
         self._f.write(line + "\n")
         self._f.flush()
 

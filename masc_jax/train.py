@@ -231,8 +231,8 @@ def frozen_inputs(society: Society, stage: str, state: dict[str, stages.ModelSta
   return frozen
 
 
-def batch_source(society: Society, stage: str) -> tuple[Callable[[int], dict[str, jax.Array]], Any]:
-  """``step -> batch`` on device (gathered from the resident uint8 images), and its sharding."""
+def batch_source(society: Society, stage: str) -> Callable[[int], dict[str, jax.Array]]:
+  """``step -> batch`` on device, gathered from the resident uint8 images."""
   if stage in (COLLECTIVE, COLLECTIVE_CE):
     batches, batch_sharding = society.pooled_batches, sharding.pooled_batch(society.mesh)
   else:
@@ -245,7 +245,7 @@ def batch_source(society: Society, stage: str) -> tuple[Callable[[int], dict[str
   def get(step: int) -> dict[str, jax.Array]:
     return gather(society.train_images, society.train_labels, batches.indices(step))
 
-  return get, batch_sharding
+  return get
 
 
 def compile_stage(society: Society, stage: str, state: dict[str, stages.ModelState],
@@ -257,7 +257,7 @@ def compile_stage(society: Society, stage: str, state: dict[str, stages.ModelSta
   state is donated, and constrained to keep its sharding (stacked along the
   agent axis, or replicated for a collective).
   """
-  get_batch, _ = batch_source(society, stage)
+  get_batch = batch_source(society, stage)
   step_fn = stage_step(society, stage)
   shardings = state_shardings(society, {stage: state[stage]})[stage]
 
