@@ -33,6 +33,13 @@ runs ``--warmup`` steps, then times ``--steps`` steps (each ending in
   JAX/torch     (benchmarks/torch_reference.py) for the same K, B, run in the
                 same sweep, and the ratio of agent-images/s (>1: JAX faster).
 
+With ``--cores N`` every worker (JAX and PyTorch) is pinned to the first N
+CPU cores (``os.sched_setaffinity`` before JAX or PyTorch starts, so XLA's and
+PyTorch's thread pools are sized to N). ``--cores 1`` measures CPU work per
+step without the scheduling noise of a shared 2-core machine: at K >= 2 both
+cores are busy anyway, so one core's step time predicts the throughput and
+A/B comparisons of a rewrite are far steadier than on 2 cores.
+
 With ``--repeats R`` the sweep runs R times (configs interleaved) and each
 config keeps its fastest median; all medians are in the JSON.
 """
@@ -286,6 +293,8 @@ def parse_args(argv=None):
                  help="appended to XLA_FLAGS for the JAX workers (repeatable; joined with spaces)")
   p.add_argument("--patch", action="append", default=[],
                  help="experimental library patch for the JAX workers (benchmarks/patches.py), repeatable")
+  p.add_argument("--cores", type=int, default=0,
+                 help="pin each worker to the first N CPU cores (0: all); PyTorch then uses N threads")
   p.add_argument("--timeout", type=float, default=900, help="seconds per worker")
   p.add_argument("--out", default="", help="JSON path (default benchmarks/results/agent_step_<time>.json)")
   p.add_argument("--show", default="", help="re-print the table of a results JSON and exit")
@@ -344,6 +353,9 @@ def main(argv=None) -> int:
     return 0
   if args.worker:
     spec = json.loads(args.worker)
+    if spec.get("cores"):
+      # Before JAX/PyTorch start, so their thread pools see only these cores.
+      os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:spec["cores"]]))
     result = torch_worker(spec) if spec["kind"] == "torch" else jax_worker(spec)
     print(json.dumps(result))
     return 0
@@ -353,7 +365,7 @@ def main(argv=None) -> int:
   if bad:
     raise SystemExit(f"unknown stages {bad}; use {STAGES}")
   base = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, input=args.input,
-              dtype=args.dtype, donate=args.donate, patches=args.patch)
+              dtype=args.dtype, donate=args.donate, patches=args.patch, cores=args.cores)
   specs = []
   for stage in stages_:
     for k in _csv(args.agents, int):

@@ -33,7 +33,8 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 # At or below this many output pixels, "auto" computes a 3x3 convolution as one
 # matrix multiply over im2col patches. XLA:CPU runs 3x3 kernels on tiny maps
 # (2x2, mostly padding) very slowly; a matmul of the same values is fast on
-# every backend. See BUILD_NOTES.md "Performance" for the measurements.
+# every backend. See BUILD_NOTES.md "Performance" for the measurements (4 was
+# 2-3% cheaper per step on one core; within noise, and 16 is kept).
 IM2COL_MAX_PIXELS = 16
 
 
@@ -69,9 +70,54 @@ def conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     impl = "im2col" if h * w <= IM2COL_MAX_PIXELS else "xla"
   if impl == "im2col":
     return im2col_3x3(x) @ kernel.reshape(9 * cin, kernel.shape[-1])
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(1, 1), padding="SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return xla_conv3x3(x, kernel)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding="SAME",
+                                      dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def xla_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``lax.conv_general_dilated`` 3x3 SAME, ``[B, H, W, Cin] -> [B, H, W, Cout]``.
+
+  Same value and input gradient as autodiff of the plain convolution, and the
+  same filter gradient bit for bit (tests/test_models.py), computed with the
+  operands' roles swapped. Autodiff writes the filter gradient as a
+  convolution whose "batch" is the activations' channel axis, so XLA:CPU
+  transposes the activations to ``[Cin, H, W, B]``; it fuses the producer of
+  the activations (bias, BatchNorm, ReLU) into that transpose and evaluates it
+  in transposed order, 31 ms of a 450 ms expert step for the 32x32 layer
+  alone. Here the output gradient takes that role instead (its producer is
+  cheap to transpose) and the activations become the kernel, a transpose that
+  keeps channels contiguous. Reverse-mode only (no ``jax.jvp``).
+  """
+  return _lax_conv3x3(x, kernel)
+
+
+def _xla_conv3x3_fwd(x, kernel):
+  return _lax_conv3x3(x, kernel), (x, kernel)
+
+
+def _xla_conv3x3_bwd(residuals, g):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x_: _lax_conv3x3(x_, kernel), x)[1](g)[0]
+  # out[co, i, j, ci] = sum_{b,h,w} g_padded[b, h + i, w + j, co] * x[b, h, w, ci],
+  # i.e. the correlation of g with x as the kernel: tap (ti, tj) of the filter
+  # gradient is out[:, 2 - ti, 2 - tj, :].
+  roles = jax.lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2),
+                                       out_spec=(0, 3, 1, 2))
+  out = jax.lax.conv_general_dilated(g, x, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                     dimension_numbers=roles)          # [Cout, 3, 3, Cin]
+  dkernel = jnp.transpose(out[:, ::-1, ::-1, :], (1, 2, 3, 0))       # [3, 3, Cin, Cout]
+  return dx, dkernel
+
+
+xla_conv3x3.defvjp(_xla_conv3x3_fwd, _xla_conv3x3_bwd)
 
 
 @jax.custom_vjp

@@ -142,6 +142,28 @@ def test_conv3x3_vmapped_per_agent_kernels(h, w) -> None:
             np.testing.assert_allclose(np.asarray(results[impl][2][a]), dk, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("b,h,w,cin,cout", [(2, 1, 1, 3, 2), (3, 2, 5, 4, 3), (2, 8, 8, 3, 16),
+                                             (4, 16, 16, 16, 8), (1, 7, 3, 5, 5)])
+def test_xla_conv3x3_custom_vjp_equals_autodiff_of_lax_conv(b, h, w, cin, cout) -> None:
+    # The swapped-roles filter gradient against what it replaces: JAX's own
+    # transpose of lax.conv_general_dilated (value and input gradient are the
+    # same code in both).
+    x, kernel, cot = _conv_inputs(b, h, w, cin, cout, seed=b + h + w)
+    plain = lambda xx, kk: jax.lax.conv_general_dilated(
+        xx, kk, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref_val, ref_vjp = jax.vjp(plain, x, kernel)
+    got_val, got_vjp = jax.jit(lambda xx, kk: jax.vjp(models.xla_conv3x3, xx, kk))(x, kernel)
+    np.testing.assert_array_equal(np.asarray(got_val), np.asarray(ref_val))
+    for name, ref, got in zip(("dx", "dkernel"), ref_vjp(cot), got_vjp(cot)):
+        scale = float(np.abs(np.asarray(ref)).max())
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6 * scale,
+                                   err_msg=name)
+    # Tap (0, 0) of the filter gradient by hand: out pixel (y, x) reads input (y-1, x-1).
+    x64, cot64 = np.asarray(x, np.float64), np.asarray(cot, np.float64)
+    tap00 = np.einsum("bhwi,bhwo->io", x64[:, :h - 1, :w - 1], cot64[:, 1:, 1:])
+    np.testing.assert_allclose(np.asarray(got_vjp(cot)[1][0, 0]), tap00, rtol=1e-5, atol=1e-4)
+
+
 def test_im2col_accepts_extra_leading_dims() -> None:
     x, kernel, _ = _conv_inputs(2, 3, 3, 2, 4, seed=8, k=3)            # [3, 2, 3, 3, 2]
     out = models.conv3x3(x, kernel[0], impl="im2col")
