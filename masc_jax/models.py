@@ -87,8 +87,9 @@ def xla_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
   Same value and input gradient as autodiff of the plain convolution, and the
   same filter gradient to float rounding (tests/test_models.py; bit for bit in
-  the cases checked on XLA:CPU), computed with the operands' roles swapped. Autodiff writes the filter gradient as a
-  convolution whose "batch" is the activations' channel axis, so XLA:CPU
+  the cases checked on XLA:CPU), computed with the operands' roles swapped.
+  Autodiff writes the filter gradient as a convolution whose "batch" is the
+  activations' channel axis, so XLA:CPU
   transposes the activations to ``[Cin, H, W, B]``; it fuses the producer of
   the activations (bias, BatchNorm, ReLU) into that transpose and evaluates it
   in transposed order, 31 ms of a 450 ms expert step for the 32x32 layer
