@@ -76,9 +76,10 @@ def _config(input_name: str, conv_impl: str):
 
 def _input_spec(input_name: str) -> dict[str, Any]:
   if input_name == "cifar":
-    from masc_jax.data import _CIFAR_STATS
-    mean, std = _CIFAR_STATS["cifar100"]
-    return {"hw": (32, 32), "channels": 3, "num_classes": 100, "mean": mean, "std": std}
+    from masc_jax.data import DATASETS
+    info = DATASETS["cifar100"]
+    return {"hw": info.image_shape[:2], "channels": info.image_shape[2],
+            "num_classes": info.num_classes, "mean": info.mean, "std": info.std}
   from masc_jax import data
   ds = data.load_dataset("digits")
   return {"hw": ds.image_shape[:2], "channels": ds.image_shape[2],
@@ -130,7 +131,7 @@ def build_jax_step(spec: dict[str, Any]):
   """(jitted step, example args, images per step, config, input) for a worker spec."""
   import jax
   import jax.numpy as jnp
-  from masc_jax import agents, augment, models, stages
+  from masc_jax import agents, augment, losses, models, stages
 
   stage, k, b = spec["stage"], spec["agents"], spec["batch"]
   config = _config(spec["input"], spec["conv_impl"])
@@ -166,7 +167,8 @@ def build_jax_step(spec: dict[str, Any]):
     state = stages.init_model_state(collective, key_c, image, tx)
     owner = (np.arange(num_classes) * k) // num_classes   # contiguous groups; any K
     fn = functools.partial(stages.collective_step, network=collective, teacher_network=expert,
-                           class_owner=jnp.asarray(owner, jnp.int32), loss_config=config.loss,
+                           class_owner=jnp.asarray(owner, jnp.int32),
+                           settings=losses.LossSettings.from_config(config.loss),
                            **common_kw)
     batch = {"image": per_agent["image"][0], "label": per_agent["label"][0]}
     frozen, images = experts.variables(), b
@@ -181,7 +183,7 @@ def build_jax_step(spec: dict[str, Any]):
         jax.random.split(key_h, k))
     fn = functools.partial(stages.altruism_step, backbone=backbone, head=head,
                            teacher_network=expert, teacher_is_stacked=True,
-                           loss_config=config.loss, **common_kw)
+                           settings=losses.LossSettings.from_config(config.loss), **common_kw)
     frozen = {"backbone": {n: t["backbone"] for n, t in coll_vars.items()},
               "teacher": experts.variables()}
     batch, images = per_agent, k * b

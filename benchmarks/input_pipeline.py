@@ -4,7 +4,7 @@
     python -m benchmarks.input_pipeline --cifar-synthetic   # + a CIFAR-size synthetic array (K=4, spec widths)
 
 The run keeps the uint8 training images on the device and, every step, asks
-``data.AgentBatches`` for the ``[K, B]`` indices and gathers the batch with a
+``batches.AgentBatches`` for the ``[K, B]`` indices and gathers the batch with a
 small jitted gather (``train.batch_source``). This benchmark builds the run's
 own objects (``train.build_society``, ``train.init_run_state``,
 ``train.stage_step``, ``train.frozen_inputs``, ``train.batch_source``),
@@ -38,7 +38,7 @@ from benchmarks import common
 def synthetic_cifar_society(society, num_images: int, seed: int = 0):
   """``society`` with a synthetic CIFAR-100-size dataset and the cifar100 config's networks."""
   import jax
-  from masc_jax import agents, config_lib, data, models, sharding
+  from masc_jax import agents, batches, config_lib, data, models, sharding
   config = config_lib.load_config("cifar100")
   rng = np.random.default_rng(seed)
   labels = (np.arange(num_images) % 100).astype(np.int32)
@@ -47,10 +47,10 @@ def synthetic_cifar_society(society, num_images: int, seed: int = 0):
       name="cifar100", train_images=rng.integers(0, 256, (num_images, 32, 32, 3), np.uint8),
       train_labels=labels, test_images=rng.integers(0, 256, (100, 32, 32, 3), np.uint8),
       test_labels=np.arange(100, dtype=np.int32), num_classes=100,
-      mean=np.asarray(data._CIFAR_STATS["cifar100"][0], np.float32),
-      std=np.asarray(data._CIFAR_STATS["cifar100"][1], np.float32))
-  groups = data.make_class_groups(100, config.num_agents)
-  per_agent = data.agent_indices(ds.train_labels, groups)
+      mean=np.asarray(data.DATASETS["cifar100"].mean, np.float32),
+      std=np.asarray(data.DATASETS["cifar100"].std, np.float32))
+  groups = batches.make_class_groups(100, config.num_agents)
+  per_agent = batches.agent_indices(ds.train_labels, groups)
   pooled = np.sort(np.concatenate(per_agent))
   mesh = sharding.make_mesh(config.num_agents, config.num_devices, config.agent_axis_size)
   expert = models.make_network(config.model, 100, config.model.expert_widths)
@@ -60,8 +60,8 @@ def synthetic_cifar_society(society, num_images: int, seed: int = 0):
       society, config=config, dataset=ds, class_groups=groups, mesh=mesh,
       expert_network=expert, collective_network=collective,
       backbone=models.backbone_of(collective), head=models.head_of(collective),
-      agent_batches=data.AgentBatches(per_agent, config.batch_size, seed=config.seed),
-      pooled_batches=data.PooledBatches(pooled, config.batch_size, seed=config.seed),
+      agent_batches=batches.AgentBatches(per_agent, config.batch_size, seed=config.seed),
+      pooled_batches=batches.PooledBatches(pooled, config.batch_size, seed=config.seed),
       train_images=jax.device_put(ds.train_images, rep),
       train_labels=jax.device_put(ds.train_labels, rep),
       test_images=jax.device_put(ds.test_images, rep),

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import ast
 import numbers
 import os
 from collections.abc import Sequence
@@ -15,17 +16,36 @@ from typing import Any
 
 import ml_collections
 
-from masc_jax import agents, losses, models
+from masc_jax import agents, data, losses, models, routing
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
-REGISTERED = ("cifar100", "cifar10", "digits", "tiny")
-RA_TEACHERS = ("self", "collective", "none")
-DATASET_CLASSES = {"cifar100": 100, "cifar10": 10, "digits": 10}
-DATASET_IMAGE_HW = {"cifar100": (32, 32), "cifar10": (32, 32), "digits": (8, 8)}
+# Every get_config() file in masc_jax/configs/ is a registered config, found by its name.
+REGISTERED = tuple(sorted(
+    name[:-3] for name in os.listdir(CONFIG_DIR)
+    if name.endswith(".py") and name not in ("__init__.py", "common.py")))
 
 
 class ConfigError(ValueError):
   """A config that cannot work; the message lists every problem."""
+
+
+def _one_line(error: BaseException) -> str:
+  """An exception's message as one readable line.
+
+  ml_collections raises ``KeyError``s whose message is itself a quoted,
+  escaped string (``'\\'batch_sizee\\'\\nDid you mean ...'``): unquote it and
+  join its lines.
+  """
+  text = str(error.args[0]) if isinstance(error, (KeyError, AttributeError)) and error.args else str(error)
+  while len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      unquoted = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+    if not isinstance(unquoted, str):
+      break
+    text = unquoted
+  return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def resolve_config_spec(spec: str) -> str:
@@ -61,15 +81,20 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
   argv = ["masc", f"--config={resolve_config_spec(spec)}"] + [f"--config.{o}" for o in overrides]
   flag_values = flags.FlagValues()
-  # sys_argv: the override flags are defined from the argv they will parse.
-  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
-                                  sys_argv=argv)
+  try:
+    # Loads the file and calls get_config(ARG): the override flags are defined
+    # from the argv they will parse.
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
+                                    sys_argv=argv)
+  except Exception as e:  # noqa: BLE001 - whatever the user's get_config raises
+    raise ConfigError(f"config {spec!r} did not load: {_one_line(e)}") from None
   try:
     flag_values(argv)
     config = flag_values.config
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    message = e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else str(e)
-    raise ConfigError(f"bad config override: {message}") from None
+  except KeyError as e:
+    raise ConfigError(f"bad config override: no such field {_one_line(e)}") from None
+  except (flags.Error, AttributeError, TypeError, ValueError) as e:
+    raise ConfigError(f"bad config override: {_one_line(e)}") from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config {spec!r} did not load: {config}")
   return config
@@ -115,10 +140,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   def one_of(path: str, value: Any, choices: Sequence[str]) -> None:
     need(value in choices, f"{path} must be one of {', '.join(choices)}, got {value!r}")
 
-  one_of("dataset", config.dataset, tuple(DATASET_CLASSES))
+  one_of("dataset", config.dataset, tuple(data.DATASETS))
+  dataset = data.DATASETS.get(config.dataset)
   k_ok = positive_int("num_agents", config.num_agents)
-  if config.dataset in DATASET_CLASSES and k_ok:
-    c = DATASET_CLASSES[config.dataset]
+  if dataset is not None and k_ok:
+    c = dataset.num_classes
     need(c % config.num_agents == 0 and config.num_agents <= c,
          f"num_agents={config.num_agents} does not divide the {c} classes of {config.dataset}: "
          f"use one of {[k for k in range(1, c + 1) if c % k == 0]}")
@@ -132,9 +158,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     widths = tuple(getattr(m, name))
     if not widths or not all(_is_int(w) and w >= 1 for w in widths):
       errors.append(f"model.{name} must be a non-empty list of positive integers, got {widths!r}")
-    elif config.dataset in DATASET_IMAGE_HW:
+    elif dataset is not None:
       try:
-        models.feature_map_sizes(DATASET_IMAGE_HW[config.dataset], len(widths), tuple(m.pool_after))
+        models.feature_map_sizes(dataset.image_shape[:2], len(widths), tuple(m.pool_after))
       except ValueError as e:
         errors.append(f"model.{name} with model.pool_after: {e}")
   hidden = tuple(m.head_hidden)
@@ -156,8 +182,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     positive_int(f"epochs.{stage}", config.epochs[stage])
 
   lo = config.loss
+  one_of("loss.cc", lo.cc, tuple(losses.CC_LOSSES))
+  one_of("loss.ra", lo.ra, tuple(losses.RA_LOSSES))
   one_of("loss.kd_teachers", lo.kd_teachers, losses.KD_TEACHERS)
-  one_of("loss.ra_teacher", lo.ra_teacher, RA_TEACHERS)
+  one_of("loss.ra_teacher", lo.ra_teacher, losses.RA_TEACHERS)
   number("loss.kd_weight", lo.kd_weight, 0.0)
   number("loss.ra_kd_weight", lo.ra_kd_weight, 0.0)
   number("loss.kd_temperature", lo.kd_temperature, 0.0, low_open=True)
@@ -165,6 +193,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   number("loss.energy_anchor", lo.energy_anchor)
   number("loss.energy_temperature", lo.energy_temperature, 0.0, low_open=True)
   need(isinstance(config.ablations, bool), f"ablations must be True or False, got {config.ablations!r}")
+  one_of("routing", config.routing, tuple(routing.RULES))
+  number("routing_margin", config.routing_margin, 0.0)
 
   positive_int("seed", config.seed, minimum=0)
   one_of("agent_map", config.agent_map, agents.AGENT_MAP_STRATEGIES)

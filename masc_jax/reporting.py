@@ -1,15 +1,19 @@
-"""Reporting: what the user reads at the end of a run, and the per-step log.
+"""Reporting: the results tables a user reads at the end of a run.
 
 Takes the run's results (a plain, JSON-able dict produced by the training loop)
 and turns them into
 
 * ``results.md``  -- Markdown tables (per row of the paper's table, per agent),
-  a summary table, per-group accuracy matrices, collective accuracy, timings;
-* ``results.json`` -- the same dict, numpy values converted, sorted keys;
-* ``report.png``  -- agents x class-groups accuracy heatmaps (before / after
-  growth) and grouped Expert / General bars per agent;
-* ``metrics.jsonl`` -- one JSON object per logged step (:class:`MetricsLogger`);
-* one-line console strings (:func:`progress_line`, :func:`stage_summary_line`).
+  a summary table, per-group accuracy matrices, collective accuracy, timings
+  (:func:`results_markdown`);
+* ``results.json`` -- the same dict, numpy values converted, sorted keys
+  (:func:`write_results` writes both files).
+
+This module owns the results schema below, its validation and the row titles /
+order. report.png is drawn by ``masc_jax.plots`` (from the same schema); what is
+printed and logged while training (progress lines, ``metrics.jsonl``) lives in
+``masc_jax.progress``, which also owns the duration format and the JSON value
+conversion used here.
 
 Results schema (rows may be missing when a run had no ablations)::
 
@@ -20,7 +24,10 @@ Results schema (rows may be missing when a run had no ablations)::
       "group_accuracy": {row: [[K] * K]},      # [agent][class group]
       "society_accuracy": {row: float},
       "directionality": {row: bool},
+      "routing": "energy",                     # optional: the society's routing rule
+      "routing_margin": float,                 # optional: that rule's margin
       "collective_accuracy": {"cc": float, "ce": float},                  # optional
+      "stages": ["experts", "collective", ...],  # optional: the run's stage order
       "timings": {stage: {"compile_s", "train_s", "steps", "images_per_s"}},  # optional
       "config": {...},                                                     # optional
     }
@@ -29,39 +36,26 @@ Accuracies are fractions in [0, 1]; the Markdown shows them as percentages.
 Non-finite numbers (e.g. the accuracy on an empty split) are written to JSON
 as ``null`` and shown as ``-``.
 
-numpy only: no jax import (jax scalars/arrays are handled through the
-``__array__`` / ``item`` protocols). matplotlib is imported lazily inside
-:func:`plot_report`.
+numpy only: no jax import.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import numbers
 import os
-import sys
 import tempfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-# The run's stages in training order (masc_jax.train), for the timings table.
-STAGE_ORDER = ("experts", "collective", "altruism", "collective_ce", "altruism_ce")
+from masc_jax.progress import format_duration, to_jsonable
 
 __all__ = [
     "ROW_TITLES",
     "ROW_ORDER",
     "results_markdown",
     "write_results",
-    "plot_report",
-    "MetricsLogger",
-    "progress_line",
-    "stage_summary_line",
-    "format_duration",
-    "REPORT_FIGSIZE",
-    "REPORT_DPI",
 ]
 
 ROW_TITLES = {
@@ -72,50 +66,20 @@ ROW_TITLES = {
 }
 ROW_ORDER = ("before_growth", "after_growth", "cc_only", "ra_only")
 
-# report.png is REPORT_FIGSIZE * REPORT_DPI pixels (no tight bbox cropping).
-REPORT_FIGSIZE = (12.0, 9.0)
-REPORT_DPI = 100
-
 COLLECTIVE_TITLES = {
     "cc": "collective network trained with the CC terms",
     "ce": "collective network trained with CE only",
 }
 
+# The timings table's order for results written before they recorded
+# "stages" (results.json sorts its keys, so the run's order is lost there):
+# the stage order of masc_jax.train at that time.
+_LEGACY_STAGE_ORDER = ("experts", "collective", "altruism", "collective_ce", "altruism_ce")
+
 
 # ----------------------------------------------------------------------------
-# Conversion and validation helpers
+# Validation helpers
 # ----------------------------------------------------------------------------
-
-def _to_jsonable(obj: Any) -> Any:
-    """Recursively converts numpy / jax values to plain JSON types.
-
-    Dict keys become strings, tuples/sets become lists, numpy (and jax, via
-    ``__array__``) arrays become nested lists, non-finite floats become None.
-    """
-    if obj is None or isinstance(obj, (str, bool)):
-        return obj
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, numbers.Integral):
-        return int(obj)
-    if isinstance(obj, numbers.Real):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return [_to_jsonable(v) for v in sorted(obj, key=repr)]
-    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
-        arr = np.asarray(obj)
-        if arr.ndim == 0:
-            return _to_jsonable(arr.item())
-        return [_to_jsonable(v) for v in arr.tolist()]
-    if hasattr(obj, "item"):  # other scalar-likes
-        return _to_jsonable(obj.item())
-    raise TypeError(f"reporting: cannot convert {type(obj).__name__} to JSON")
-
 
 def _as_float(v: Any) -> float:
     """A number (or None) as a float; None -> nan."""
@@ -245,89 +209,27 @@ def _id_ranges(ids: Iterable[Any]) -> str:
     return ", ".join(parts)
 
 
-def _compact(v: Any) -> str:
-    """Compact number for one-line summaries: ints as ints, floats with 4 significant digits."""
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, numbers.Integral):
-        return str(int(v))
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(f):
-        return str(f)
-    return f"{f:.4g}"
+def _routing_rule(rule: Any, margin: Any) -> str:
+    """'energy', or 'margin_energy (margin 0.5)' when a non-zero margin is given."""
+    text = str(rule)
+    if margin is not None:
+        m = _as_float(margin)
+        if m != 0.0:
+            text += f" (margin {m:g})"
+    return text
 
 
-def _term(v: Any) -> str:
-    """A loss term for progress lines: 4 decimals, scientific when tiny or huge."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(f):
-        return str(f)
-    a = abs(f)
-    if a >= 1e5 or (0.0 < a < 1e-4):
-        return f"{f:.3e}"
-    return f"{f:.4f}"
+def _ordered_timings(timings: Mapping, stages: Any) -> list[tuple[str, Any]]:
+    """Timings in the run's stage order (``results["stages"]``), else the legacy
+    order; stages missing from that order come last, by name.
 
-
-def format_duration(seconds: float) -> str:
-    """Human duration: '45.2s' under a minute, '3m25s' under an hour, '1h02m', '2d03h'."""
-    try:
-        s = float(seconds)
-    except (TypeError, ValueError):
-        return "--"
-    if not math.isfinite(s) or s < 0:
-        return "--"
-    if s < 59.95:
-        return f"{s:.1f}s"
-    total = int(round(s))
-    if total < 3600:
-        m, sec = divmod(total, 60)
-        return f"{m}m{sec:02d}s"
-    minutes = int(round(s / 60.0))
-    if minutes < 24 * 60:
-        h, m = divmod(minutes, 60)
-        return f"{h}h{m:02d}m"
-    hours = int(round(s / 3600.0))
-    d, h = divmod(hours, 24)
-    return f"{d}d{h:02d}h"
-
-
-def progress_line(stage: str, step: int, total_steps: int, images_per_s: float,
-                  eta_s: float, terms: Mapping[str, float]) -> str:
-    """One console line during a stage, e.g.
-
-    ``[collective] step  1200/ 4000 ( 30.0%) |  812.3 img/s | ETA 3m25s | ce 0.4512 kd 0.1020``
+    Stage order, not dict order: results.json sorts its keys.
     """
-    step, total_steps = int(step), int(total_steps)
-    width = max(5, len(str(total_steps)))
-    pct = 100.0 * step / total_steps if total_steps > 0 else 0.0
-    try:
-        ips = float(images_per_s)
-    except (TypeError, ValueError):
-        ips = float("nan")
-    line = (f"[{stage}] step {step:>{width}d}/{total_steps:>{width}d} ({pct:5.1f}%) | "
-            f"{ips:6.1f} img/s | ETA {format_duration(eta_s)}")
-    if terms:
-        line += " | " + " ".join(f"{k} {_term(v)}" for k, v in terms.items())
-    return line
-
-
-def stage_summary_line(stage: str, steps: int, seconds: float, compile_seconds: float,
-                       metrics: Mapping[str, float]) -> str:
-    """One line at a stage end, e.g.
-
-    ``[experts] done: 900 steps in 41.2s (compile 6.1s) | expert acc 0.991 loss 0.0312``
-    """
-    line = (f"[{stage}] done: {int(steps)} steps in {format_duration(seconds)} "
-            f"(compile {format_duration(compile_seconds)})")
-    if metrics:
-        line += " | " + " ".join(f"{str(k).replace('_', ' ')} {_compact(v)}" for k, v in metrics.items())
-    return line
+    known = _LEGACY_STAGE_ORDER if stages is None else [str(s) for s in stages]
+    order: dict[str, int] = {}
+    for name in known:
+        order.setdefault(name, len(order))
+    return sorted(timings.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
 
 
 # ----------------------------------------------------------------------------
@@ -380,9 +282,15 @@ def results_markdown(results: dict) -> str:
         out.append(f"| {_row_title(name)} | {_pct(_mean(r['expert']))} | {_pct(_mean(r['general']))} | "
                    f"{_pct(_mean(r['average']))} | {soc} | {_yes_no(direction.get(name))} |")
     out.append("")
-    out.append("Society accuracy: over all classes, each image answered by the agent of lowest "
-               "energy. Directionality: for every class group, its owner agent is the most accurate.")
+    routing = results.get("routing")
+    chooser = ("the agent of lowest energy" if routing is None or routing == "energy"
+               else "the agent the routing rule picks")
+    out.append(f"Society accuracy: over all classes, each image answered by {chooser}. "
+               "Directionality: for every class group, its owner agent is the most accurate.")
     out.append("")
+    if routing is not None:
+        out.append(f"Routing rule: {_routing_rule(routing, results.get('routing_margin'))}")
+        out.append("")
 
     if groups:
         out.append("## Accuracy per class group")
@@ -415,9 +323,7 @@ def results_markdown(results: dict) -> str:
         out.append("")
         out.append("| stage | steps | compile | train | images/s |")
         out.append("|---|---:|---:|---:|---:|")
-        # Stage order, not dict order: results.json sorts its keys.
-        order = {name: i for i, name in enumerate(STAGE_ORDER)}
-        for stage, t in sorted(timings.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
+        for stage, t in _ordered_timings(timings, results.get("stages")):
             t = t if isinstance(t, Mapping) else {}
             steps = t.get("steps")
             ips = t.get("images_per_s")
@@ -461,167 +367,6 @@ def _atomic_write_text(path: str, text: str) -> None:
 def write_results(workdir: str, results: dict) -> None:
     """Writes workdir/results.json (indent 2, sorted keys) and workdir/results.md, atomically."""
     markdown = results_markdown(results)  # validates first: nothing is written on bad input
-    payload = json.dumps(_to_jsonable(results), indent=2, sort_keys=True, allow_nan=False)
+    payload = json.dumps(to_jsonable(results), indent=2, sort_keys=True, allow_nan=False)
     _atomic_write_text(os.path.join(workdir, "results.json"), payload + "\n")
     _atomic_write_text(os.path.join(workdir, "results.md"), markdown)
-
-
-# ----------------------------------------------------------------------------
-# Plot
-# ----------------------------------------------------------------------------
-
-def _heatmap(ax, mat: np.ndarray, title: str, cmap, fontsize: float):
-    import matplotlib.patches as mpatches
-
-    k = mat.shape[0]
-    im = ax.imshow(np.ma.masked_invalid(mat), vmin=0.0, vmax=1.0, cmap=cmap, aspect="equal")
-    for a in range(k):
-        for g in range(k):
-            v = mat[a, g]
-            txt = "-" if not np.isfinite(v) else f"{100 * v:.1f}"
-            color = "white" if (np.isfinite(v) and v < 0.6) else "black"
-            ax.text(g, a, txt, ha="center", va="center", fontsize=fontsize, color=color)
-        # owner cell outline: group a belongs to agent a
-        ax.add_patch(mpatches.Rectangle((a - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-    ax.set_xticks(range(k))
-    ax.set_yticks(range(k))
-    ax.set_xlabel("class group")
-    ax.set_ylabel("agent")
-    ax.set_title(title)
-    return im
-
-
-def plot_report(results: dict, path: str) -> None:
-    """Writes report.png: (a) agents x class-groups accuracy heatmaps (before / after
-    growth, shared 0..1 colour scale, owner cells outlined in red); (b) grouped bars of
-    per-agent Expert and General (after growth, and before growth if present).
-
-    Rows that are absent are skipped: when neither before nor after growth is there,
-    the first available rows are shown instead.
-    """
-    k, rows, groups = _validate(results)
-
-    import matplotlib
-    if "matplotlib.pyplot" not in sys.modules:
-        # Don't switch an already-chosen pyplot backend (that would close the user's
-        # figures); the Figure below renders with Agg either way.
-        matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    direction = results.get("directionality") or {}
-    society = results.get("society_accuracy") or {}
-
-    heat_rows = [r for r in ("before_growth", "after_growth") if r in groups]
-    if not heat_rows:
-        heat_rows = _ordered_rows(groups)[:2]
-    bar_rows = [r for r in ("before_growth", "after_growth") if r in rows]
-    if not bar_rows:
-        bar_rows = _ordered_rows(rows)[:2]
-
-    fig = Figure(figsize=REPORT_FIGSIZE, dpi=REPORT_DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    try:
-        gs = fig.add_gridspec(2, 2, height_ratios=[1.15, 1.0])
-        cmap = matplotlib.colormaps["viridis"]
-        fontsize = max(4.0, min(10.0, 64.0 / k))
-
-        # (a) heatmaps
-        if heat_rows:
-            axes = [fig.add_subplot(gs[0, i]) for i in range(len(heat_rows))]
-            im = None
-            for ax, name in zip(axes, heat_rows):
-                title = f"(a) {_row_title(name)}: accuracy"
-                extra = []
-                if name in direction:
-                    extra.append(f"directionality {_yes_no(direction[name])}")
-                if name in society:
-                    extra.append(f"society {_pct(society[name])}%")
-                if extra:
-                    title += "\n" + ", ".join(extra)
-                im = _heatmap(ax, groups[name], title, cmap, fontsize)
-            fig.colorbar(im, ax=axes, shrink=0.9, label="accuracy")
-        else:
-            ax = fig.add_subplot(gs[0, :])
-            ax.axis("off")
-            ax.text(0.5, 0.5, "no per-group accuracy in results", ha="center", va="center")
-
-        # (b) grouped bars
-        ax = fig.add_subplot(gs[1, :])
-        series = []
-        palette = {"expert": ("#9ecae1", "#2171b5"), "general": ("#fdae6b", "#d94801")}
-        for i, name in enumerate(bar_rows):
-            strong = (i == len(bar_rows) - 1)  # the last (after growth) in solid colours
-            for col in ("expert", "general"):
-                series.append((f"{col.capitalize()} - {_row_title(name)}", rows[name][col],
-                               palette[col][1 if strong else 0], None if strong else "//"))
-        n = len(series)
-        width = 0.8 / max(n, 1)
-        x = np.arange(k)
-        for j, (label, vals, color, hatch) in enumerate(series):
-            heights = np.where(np.isfinite(vals), vals, 0.0)
-            ax.bar(x - 0.4 + width * (j + 0.5), heights, width, label=label, color=color,
-                   hatch=hatch, edgecolor="black", linewidth=0.5)
-        ax.set_xticks(x)
-        ax.set_xticklabels([f"agent {a}" for a in range(k)])
-        ax.set_ylim(0.0, 1.05)
-        ax.set_ylabel("accuracy")
-        ax.set_title("(b) per-agent Expert (own classes) and General (other agents' classes)")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=max(1, n), fontsize=9, frameon=False)
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=REPORT_DPI)
-    finally:
-        fig.clear()
-        try:  # the Figure was never registered with pyplot; close defensively if it was
-            if "matplotlib.pyplot" in sys.modules:
-                sys.modules["matplotlib.pyplot"].close(fig)
-        except Exception:
-            pass
-    _atomic_write_bytes(path, buf.getvalue())
-
-
-# ----------------------------------------------------------------------------
-# Per-step log
-# ----------------------------------------------------------------------------
-
-class MetricsLogger:
-    """Appends one JSON object per line to ``path`` (workdir/metrics.jsonl).
-
-    ``enabled=False`` (multi-host processes other than 0): nothing is opened or written.
-    numpy / jax scalars are converted (integers stay integers, others via float());
-    non-finite values are written as null so every line is strict JSON. Each line is
-    flushed as written. Usable as a context manager.
-    """
-
-    def __init__(self, path: str, enabled: bool = True):
-        self.path = path
-        self.enabled = bool(enabled)
-        self._f = None
-        self._closed = False
-        if self.enabled:
-            directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, exist_ok=True)
-            self._f = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        if self._closed:
-            raise ValueError(f"MetricsLogger({self.path!r}) is closed")
-        line = json.dumps({str(k): _to_jsonable(v) for k, v in record.items()}, allow_nan=False)
-        self._f.write(line + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        self._closed = True
-
-    def __enter__(self) -> "MetricsLogger":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -113,60 +113,56 @@ def expert_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array, 
 def collective_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array,
                     teachers: dict[str, PyTree] | None, *, network: nn.Module,
                     teacher_network: nn.Module | None, tx: optax.GradientTransformation,
-                    augment: Augment, class_owner: jax.Array, loss_config: Any,
+                    augment: Augment, class_owner: jax.Array,
+                    settings: losses.LossSettings = losses.LossSettings(),
+                    loss_fn: Callable[..., tuple[jax.Array, losses.Terms]] = losses.collaboration_loss,
                     strategy: str = "auto") -> tuple[ModelState, dict[str, jax.Array]]:
-  """Stage 2: the collective S takes one step of L_CC on a pooled batch.
+  """Stage 2: the collective S takes one step of its loss (L_CC) on a pooled batch.
 
   Args:
     state: S's state.
     batch: ``image [B, H, W, Ch]`` uint8, ``label [B]``.
     rng: step key (augmentation, dropout).
-    teachers: stacked ``[K, ...]`` frozen expert variables, or ``None`` when
-      ``loss_config.kd_weight == 0`` (then the KD term is skipped and reported 0).
+    teachers: stacked ``[K, ...]`` frozen expert variables, or ``None`` when the
+      loss uses no teachers (then their logits are not computed at all).
     class_owner: ``[C]`` owner agent of each class.
-    loss_config: the config's ``loss`` section.
+    settings: loss weights and temperatures.
+    loss_fn: ``(logits [B, C], labels [B], teacher_logits [K, B, C] | None,
+      class_owner, settings) -> (total, terms)``: ``losses.collaboration_loss``
+      or another registered CC loss.
 
   Returns:
-    new state, scalar metrics ``ce``, ``kd``, ``align``, ``total``, ``accuracy``.
+    new state, scalar metrics: the loss's terms and ``accuracy``.
   """
   aug_rng, dropout_rng = jax.random.split(rng)
   x = augment(batch["image"], aug_rng)
   labels = batch["label"]
+  teacher_logits = None
   if teachers is not None:
     # Every expert sees the same augmented batch; their logits are constants here.
     teacher_logits = agents.agent_map(
         lambda v: teacher_network.apply(v, x, train=False), strategy=strategy)(teachers)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)              # [K, B, C]
 
-  def loss_fn(params):
+  def objective(params):
     logits, new_vars = network.apply(
         {"params": params, "batch_stats": state.batch_stats}, x, train=True,
         mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    if teachers is None:
-      ce = losses.cross_entropy(logits, labels)
-      align = losses.energy_alignment(logits, loss_config.energy_anchor,
-                                      loss_config.energy_temperature)
-      total = ce + loss_config.align_weight * align
-      terms = {"ce": ce, "kd": jnp.zeros(()), "align": align, "total": total}
-    else:
-      total, terms = losses.collaboration_loss(
-          logits, labels, teacher_logits, class_owner,
-          kd_teachers=loss_config.kd_teachers, kd_weight=loss_config.kd_weight,
-          kd_temperature=loss_config.kd_temperature, align_weight=loss_config.align_weight,
-          energy_anchor=loss_config.energy_anchor,
-          energy_temperature=loss_config.energy_temperature)
+    total, terms = loss_fn(logits, labels, teacher_logits, class_owner, settings)
     return total, (new_vars["batch_stats"], logits, terms)
 
-  (_, (batch_stats, logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (batch_stats, logits, terms)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   return _update(state, grads, batch_stats, tx), {**terms, "accuracy": _accuracy(logits, labels)}
 
 
 def altruism_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array,
                   frozen: dict[str, PyTree], *, backbone: nn.Module, head: nn.Module,
                   teacher_network: nn.Module | None, teacher_is_stacked: bool,
-                  tx: optax.GradientTransformation, augment: Augment, loss_config: Any,
+                  tx: optax.GradientTransformation, augment: Augment,
+                  settings: losses.LossSettings = losses.LossSettings(),
+                  loss_fn: Callable[..., tuple[jax.Array, losses.Terms]] = losses.altruism_loss,
                   strategy: str = "auto") -> tuple[ModelState, dict[str, jax.Array]]:
-  """Stage 3: every agent's new head on S's frozen backbone takes one step of L_RA.
+  """Stage 3: every agent's new head on S's frozen backbone takes one step of its loss (L_RA).
 
   Args:
     state: stacked ``[K, ...]`` head states.
@@ -174,10 +170,13 @@ def altruism_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array
     rng: step key.
     frozen: ``backbone`` (S's backbone variables, shared) and ``teacher``
       (stacked expert variables if ``teacher_is_stacked``, else S's variables,
-      or absent for no KD).
+      or absent when the loss uses no teachers).
+    settings: loss weights and temperatures.
+    loss_fn: ``(logits [B, C], labels [B], teacher_logits [B, C] | None, settings)
+      -> (total, terms)``: ``losses.altruism_loss`` or another registered RA loss.
 
   Returns:
-    new stacked head state, metrics ``ce``, ``kd``, ``align``, ``total``, ``accuracy`` each ``[K]``.
+    new stacked head state, metrics: the loss's terms and ``accuracy``, each ``[K]``.
   """
   k, b = batch["label"].shape
   aug_rng, rng = jax.random.split(rng)
@@ -196,16 +195,12 @@ def altruism_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array
     teacher_logits = teacher_network.apply(teacher, flat_x, train=False).reshape(k, b, -1)
 
   def one_agent(state_k, features_k, labels_k, teacher_k, rng_k):
-    def loss_fn(params):
+    def objective(params):
       logits = head.apply({"params": params}, features_k, train=True, rngs={"dropout": rng_k})
-      total, terms = losses.altruism_loss(
-          logits, labels_k, teacher_k, kd_weight=loss_config.ra_kd_weight,
-          kd_temperature=loss_config.kd_temperature, align_weight=loss_config.align_weight,
-          energy_anchor=loss_config.energy_anchor,
-          energy_temperature=loss_config.energy_temperature)
+      total, terms = loss_fn(logits, labels_k, teacher_k, settings)
       return total, (logits, terms)
 
-    (_, (logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state_k.params)
+    (_, (logits, terms)), grads = jax.value_and_grad(objective, has_aux=True)(state_k.params)
     return _update(state_k, grads, {}, tx), {**terms, "accuracy": _accuracy(logits, labels_k)}
 
   rngs = jax.random.split(rng, k)
@@ -216,46 +211,33 @@ def altruism_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array
       state, features, batch["label"], jax.lax.stop_gradient(teacher_logits), rngs)
 
 
-def predict_step(variables: dict[str, PyTree], images: jax.Array, *, expert_network: nn.Module,
-                 collective_network: nn.Module, backbone: nn.Module, head: nn.Module,
-                 normalize: Callable[[jax.Array], jax.Array], energy_temperature: float = 1.0,
-                 strategy: str = "auto") -> dict[str, jax.Array]:
-  """Predictions of every table row available in ``variables`` (inference mode).
+# ----------------------------------------------------------------------------- inference
+# Logits of each kind of trained model in inference mode (BatchNorm running
+# statistics, no dropout), on normalised images ``x [B, H, W, Ch]``. The stage
+# table (``protocol``) composes them into its result rows.
 
-  Args:
-    variables: any of ``experts`` (stacked), ``collective``, ``heads`` (stacked,
-      needs ``collective``), ``collective_ce``, ``heads_ce`` (needs ``collective_ce``).
-    images: ``[B, H, W, Ch]`` uint8 test images.
 
-  Returns:
-    int predictions: ``[K, B]`` per agent for rows ``before_growth``,
-    ``after_growth``, ``ra_only``; ``[B]`` for the collectives ``cc`` / ``ce`` and
-    for each ``society_<row>`` (energy routing across the row's agents).
-  """
-  x = normalize(images)
-  out = {}
+def expert_logits(experts: PyTree, x: jax.Array, *, network: nn.Module,
+                  strategy: str = "auto") -> jax.Array:
+  """``[K, B, C]``: every expert A_k alone."""
+  return agents.agent_map(lambda v: network.apply(v, x, train=False), strategy=strategy)(experts)
 
-  def society(agent_logits):
-    return jnp.argmax(routing.select_by_energy(agent_logits, energy_temperature)[0], -1)
 
-  if "experts" in variables:
-    expert_logits = agents.agent_map(
-        lambda v: expert_network.apply(v, x, train=False), strategy=strategy)(variables["experts"])
-    out["before_growth"] = jnp.argmax(expert_logits, -1)
-    out["society_before_growth"] = society(expert_logits)
-  for s_key, h_key, row, s_name in (("collective", "heads", "after_growth", "cc"),
-                                    ("collective_ce", "heads_ce", "ra_only", "ce")):
-    if s_key not in variables:
-      continue
-    s_vars = variables[s_key]
-    s_logits = collective_network.apply(s_vars, x, train=False)
-    out[s_name] = jnp.argmax(s_logits, -1)
-    if h_key in variables:
-      bb_vars = {name: tree["backbone"] for name, tree in s_vars.items()}
-      features = backbone.apply(bb_vars, x, train=False)
-      head_logits = agents.agent_map(
-          lambda v: head.apply(v, features, train=False), strategy=strategy)(variables[h_key])
-      grown, _ = routing.grown_agent_logits(s_logits, head_logits, energy_temperature)
-      out[row] = jnp.argmax(grown, -1)
-      out[f"society_{row}"] = society(grown)
-  return out
+def collective_logits(collective: PyTree, x: jax.Array, *, network: nn.Module) -> jax.Array:
+  """``[B, C]``: the collective S."""
+  return network.apply(collective, x, train=False)
+
+
+def grown_logits(heads: PyTree, collective: PyTree, x: jax.Array, *, network: nn.Module,
+                 backbone: nn.Module, head: nn.Module, rule: str | routing.Rule = "energy",
+                 routing_settings: routing.RoutingSettings = routing.RoutingSettings(),
+                 strategy: str = "auto") -> jax.Array:
+  """``[K, B, C]``: every grown agent G_k, answering with its own head or S's by the rule."""
+  s_logits = collective_logits(collective, x, network=network)
+  backbone_vars = {name: tree["backbone"] for name, tree in collective.items()}
+  features = backbone.apply(backbone_vars, x, train=False)
+  head_logits = agents.agent_map(
+      lambda v: head.apply(v, features, train=False), strategy=strategy)(heads)
+  grown, _ = routing.grown_agent_logits(s_logits, head_logits, routing_settings.temperature,
+                                        rule, routing_settings.margin)
+  return grown

@@ -13,7 +13,8 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from masc_jax import config_lib, train  # noqa: E402
+from masc_jax import config_lib, protocol, train  # noqa: E402
+from masc_jax import workdir as workdir_lib  # noqa: E402
 
 TINY_K2 = ["num_agents=2"]   # K=2: a 4-device mesh is 2 (agents) x 2 (data)
 # The end-to-end checks skip the ablation stages: the same steps, already checked in "steps".
@@ -28,7 +29,7 @@ def society_on(num_devices, extra=()):
 def stage_steps(num_devices, num_steps=3):
   """Three steps of every stage from the same initial state; losses and final states."""
   society = society_on(num_devices)
-  names = train.stage_names(society.config)
+  names = protocol.stage_names(society.config)
   init_key, train_key = jax.random.split(jax.random.key(society.config.seed))
   abstract = jax.eval_shape(lambda: train.init_run_state(society, init_key))
   state = jax.jit(lambda: train.init_run_state(society, init_key),
@@ -36,7 +37,7 @@ def stage_steps(num_devices, num_steps=3):
   losses, sharded = {}, {}
   for stage in names:
     key = jax.random.fold_in(train_key, names.index(stage))
-    compiled, frozen, get_batch = train.compile_stage(society, stage, state, 0, key)
+    compiled, frozen, get_batch = train.compile_stage(society, protocol.BY_NAME[stage], state, 0, key)
     model_state = state[stage]
     totals = []
     for step in range(num_steps):
@@ -67,11 +68,11 @@ def main():
     society = society_on(4, NO_ABLATIONS)
     run = train.Run(society, workdir, log=lambda _: None)
     state, meta = run.restore_or_init()
-    with train._SigtermFlag() as flag:
-      state = run.train_stage(train.EXPERTS, state, meta, flag)
-    run.save(state, {**meta, "stage": train.COLLECTIVE, "stage_step": 0})
+    with workdir_lib.SigtermFlag() as flag:
+      state = run.train_stage(protocol.BY_NAME["experts"], state, meta, flag)
+    run.save(state, {**meta, "stage": "collective", "stage_step": 0})
     run.close()
-    train._atomic_write_json(os.path.join(workdir, "config.json"),
+    workdir_lib.atomic_write_json(os.path.join(workdir, "config.json"),
                              json.loads(society.config.to_json()))
     out = {"saved_on": len(jax.devices()), "mesh": dict(society.mesh.shape)}
   else:

@@ -1,7 +1,8 @@
-"""Tests for masc_jax.data: datasets, class groups, batch indices."""
+"""Tests for masc_jax.data (datasets, the dataset table) and masc_jax.batches (class groups, batch indices)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.resources
 import sys
@@ -10,7 +11,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from masc_jax import data
+from masc_jax import batches, data
 
 # ----------------------------------------------------------------------------
 # digits
@@ -79,6 +80,50 @@ def test_unknown_dataset_name() -> None:
         data.check_dataset_available("imagenet")
 
 
+def test_dataset_table() -> None:
+    assert list(data.DATASETS) == ["cifar100", "cifar10", "digits"]
+    for name, info in data.DATASETS.items():
+        assert info.name == name
+        assert len(info.image_shape) == 3
+        if info.mean is not None:
+            assert info.std is not None and len(info.mean) == len(info.std) == info.image_shape[2]
+    assert (data.DATASETS["cifar100"].num_classes, data.DATASETS["cifar100"].image_shape) == (100, (32, 32, 3))
+    assert (data.DATASETS["cifar10"].num_classes, data.DATASETS["cifar10"].image_shape) == (10, (32, 32, 3))
+    digits_info = data.DATASETS["digits"]
+    assert (digits_info.num_classes, digits_info.image_shape) == (10, (8, 8, 1))
+    assert digits_info.mean is None and digits_info.std is None and digits_info.source == "sklearn"
+    assert {data.DATASETS[n].source for n in ("cifar100", "cifar10")} == {"tfds"}
+
+
+def test_digits_matches_table(digits: data.ArrayDataset) -> None:
+    info = data.DATASETS["digits"]
+    assert digits.image_shape == info.image_shape
+    assert digits.num_classes == info.num_classes
+
+
+def test_table_mismatch_is_an_error(monkeypatch) -> None:
+    wrong = dataclasses.replace(data.DATASETS["digits"], image_shape=(8, 8, 3))
+    monkeypatch.setitem(data.DATASETS, "digits", wrong)
+    with pytest.raises(RuntimeError, match=r"digits.*does not match the dataset table.*\(8, 8, 1\).*\(8, 8, 3\)"):
+        data.load_dataset("digits")
+    fewer = dataclasses.replace(data.DATASETS["digits"], image_shape=(8, 8, 1), num_classes=5)
+    monkeypatch.setitem(data.DATASETS, "digits", fewer)
+    with pytest.raises(RuntimeError, match=r"labels span \[0, 9\], outside \[0, 5\)"):
+        data.load_dataset("digits")
+
+
+def test_data_import_is_light() -> None:
+    """Config validation reads DATASETS: importing data must not pull in jax / TFDS."""
+    import subprocess
+
+    code = (
+        "import sys, masc_jax.data, masc_jax.batches; "
+        "heavy = {'jax', 'tensorflow_datasets', 'sklearn'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ----------------------------------------------------------------------------
 # class groups
 
@@ -86,7 +131,7 @@ def test_unknown_dataset_name() -> None:
 @pytest.mark.parametrize("seed", [None, 3])
 @pytest.mark.parametrize("num_classes,num_agents", [(100, 4), (10, 5), (10, 1), (6, 6)])
 def test_make_class_groups_partition(num_classes: int, num_agents: int, seed: int | None) -> None:
-    g = data.make_class_groups(num_classes, num_agents, permutation_seed=seed)
+    g = batches.make_class_groups(num_classes, num_agents, permutation_seed=seed)
     m = num_classes // num_agents
     assert g.groups.shape == (num_agents, m) and g.groups.dtype == np.int32
     assert g.class_owner.shape == (num_classes,) and g.class_owner.dtype == np.int32
@@ -100,16 +145,16 @@ def test_make_class_groups_partition(num_classes: int, num_agents: int, seed: in
 
 
 def test_make_class_groups_label_order() -> None:
-    g = data.make_class_groups(100, 4)
+    g = batches.make_class_groups(100, 4)
     for k in range(4):
         assert g.groups[k].tolist() == list(range(25 * k, 25 * k + 25))
 
 
 def test_make_class_groups_permutation() -> None:
-    default = data.make_class_groups(100, 4)
-    a = data.make_class_groups(100, 4, permutation_seed=1)
-    b = data.make_class_groups(100, 4, permutation_seed=1)
-    c = data.make_class_groups(100, 4, permutation_seed=2)
+    default = batches.make_class_groups(100, 4)
+    a = batches.make_class_groups(100, 4, permutation_seed=1)
+    b = batches.make_class_groups(100, 4, permutation_seed=1)
+    c = batches.make_class_groups(100, 4, permutation_seed=2)
     np.testing.assert_array_equal(a.groups, b.groups)
     assert not np.array_equal(a.groups, default.groups)
     assert not np.array_equal(a.groups, c.groups)
@@ -126,12 +171,12 @@ def test_make_class_groups_permutation() -> None:
 )
 def test_make_class_groups_bad(num_classes: int, num_agents: int, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
-        data.make_class_groups(num_classes, num_agents)
+        batches.make_class_groups(num_classes, num_agents)
 
 
 def test_agent_indices_digits(digits: data.ArrayDataset) -> None:
-    groups = data.make_class_groups(10, 5)
-    per_agent = data.agent_indices(digits.train_labels, groups)
+    groups = batches.make_class_groups(10, 5)
+    per_agent = batches.agent_indices(digits.train_labels, groups)
     assert len(per_agent) == 5
     for k, ix in enumerate(per_agent):
         assert ix.dtype == np.int64
@@ -144,13 +189,13 @@ def test_agent_indices_digits(digits: data.ArrayDataset) -> None:
 
 
 def test_agent_indices_bad_labels() -> None:
-    groups = data.make_class_groups(10, 5)
+    groups = batches.make_class_groups(10, 5)
     with pytest.raises(ValueError, match=r"label 12 \(at index 2\) is outside \[0, 10\)"):
-        data.agent_indices(np.array([0, 3, 12, 1]), groups)
+        batches.agent_indices(np.array([0, 3, 12, 1]), groups)
     with pytest.raises(ValueError, match=r"label -1"):
-        data.agent_indices(np.array([-1, 3]), groups)
+        batches.agent_indices(np.array([-1, 3]), groups)
     with pytest.raises(ValueError, match="1-D integer"):
-        data.agent_indices(np.array([0.5, 1.0]), groups)
+        batches.agent_indices(np.array([0.5, 1.0]), groups)
 
 
 # ----------------------------------------------------------------------------
@@ -166,12 +211,12 @@ def _toy_agents() -> list[np.ndarray]:
 
 def test_agent_batches_shape_membership_no_repeats() -> None:
     agents = _toy_agents()
-    batches = data.AgentBatches(agents, batch_size=8, seed=0)
-    assert batches.steps_per_epoch == 70 // 8
+    agent_batches = batches.AgentBatches(agents, batch_size=8, seed=0)
+    assert agent_batches.steps_per_epoch == 70 // 8
     for epoch in range(2):
         seen = [[] for _ in agents]
-        for step in range(epoch * batches.steps_per_epoch, (epoch + 1) * batches.steps_per_epoch):
-            b = batches.indices(step)
+        for step in range(epoch * agent_batches.steps_per_epoch, (epoch + 1) * agent_batches.steps_per_epoch):
+            b = agent_batches.indices(step)
             assert b.shape == (3, 8) and b.dtype == np.int32
             for k in range(3):
                 assert set(b[k].tolist()) <= set(agents[k].tolist())
@@ -179,25 +224,25 @@ def test_agent_batches_shape_membership_no_repeats() -> None:
         for k in range(3):
             assert len(seen[k]) == len(set(seen[k]))  # no repeats within an epoch
         # The smallest agent's epoch covers all but its remainder.
-        assert len(set(seen[0])) == batches.steps_per_epoch * 8
+        assert len(set(seen[0])) == agent_batches.steps_per_epoch * 8
 
 
 def test_agent_batches_resume_and_seeds() -> None:
     agents = _toy_agents()
-    spe = data.AgentBatches(agents, 8, seed=5).steps_per_epoch
+    spe = batches.AgentBatches(agents, 8, seed=5).steps_per_epoch
     total = 3 * spe + 2
-    reference = data.AgentBatches(agents, 8, seed=5)
+    reference = batches.AgentBatches(agents, 8, seed=5)
     straight = [reference.indices(s) for s in range(total)]
     # Fresh objects resumed at arbitrary steps (mid-epoch, epoch boundary, and
     # going backwards) reproduce the uninterrupted run.
     for start in (spe + 3, 2 * spe, 1):
-        resumed = data.AgentBatches(agents, 8, seed=5)
+        resumed = batches.AgentBatches(agents, 8, seed=5)
         for s in range(start, total):
             np.testing.assert_array_equal(resumed.indices(s), straight[s])
     np.testing.assert_array_equal(reference.indices(0), straight[0])
     # Epochs reshuffle, and other seeds give other batches.
     assert not np.array_equal(straight[0], straight[spe])
-    other = data.AgentBatches(agents, 8, seed=6)
+    other = batches.AgentBatches(agents, 8, seed=6)
     assert not np.array_equal(np.stack([other.indices(s) for s in range(spe)]), np.stack(straight[:spe]))
     # Returned arrays are copies: mutating one does not corrupt the cache.
     straight[1][:] = -1
@@ -207,42 +252,54 @@ def test_agent_batches_resume_and_seeds() -> None:
 def test_agent_batches_too_small_agent() -> None:
     agents = [np.arange(40), np.arange(40, 45), np.arange(45, 90)]
     with pytest.raises(ValueError, match=r"agent 1 has 5 training samples, fewer than batch_size=8"):
-        data.AgentBatches(agents, batch_size=8, seed=0)
+        batches.AgentBatches(agents, batch_size=8, seed=0)
 
 
 def test_batches_bad_args() -> None:
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        data.AgentBatches([np.arange(10)], batch_size=0, seed=0)
+        batches.AgentBatches([np.arange(10)], batch_size=0, seed=0)
     with pytest.raises(ValueError, match="seed must be a non-negative"):
-        data.PooledBatches(np.arange(10), batch_size=2, seed=-1)
+        batches.PooledBatches(np.arange(10), batch_size=2, seed=-1)
     with pytest.raises(ValueError, match="step must be >= 0"):
-        data.PooledBatches(np.arange(10), batch_size=2, seed=0).indices(-1)
+        batches.PooledBatches(np.arange(10), batch_size=2, seed=0).indices(-1)
 
 
 def test_pooled_batches() -> None:
     pool = np.concatenate(_toy_agents())
-    batches = data.PooledBatches(pool, batch_size=32, seed=1)
-    assert batches.steps_per_epoch == 300 // 32
-    spe = batches.steps_per_epoch
-    straight = [batches.indices(s) for s in range(2 * spe + 3)]
+    pooled = batches.PooledBatches(pool, batch_size=32, seed=1)
+    assert pooled.steps_per_epoch == 300 // 32
+    spe = pooled.steps_per_epoch
+    straight = [pooled.indices(s) for s in range(2 * spe + 3)]
     for epoch in range(2):
         epoch_ix = np.concatenate(straight[epoch * spe : (epoch + 1) * spe])
         assert straight[epoch * spe].shape == (32,) and straight[0].dtype == np.int32
         assert len(set(epoch_ix.tolist())) == spe * 32  # no repeats
         assert set(epoch_ix.tolist()) <= set(pool.tolist())
-    resumed = data.PooledBatches(pool, batch_size=32, seed=1)
+    resumed = batches.PooledBatches(pool, batch_size=32, seed=1)
     for s in (2 * spe + 2, spe + 1, 0):
         np.testing.assert_array_equal(resumed.indices(s), straight[s])
     assert not np.array_equal(straight[0], straight[spe])
-    other = data.PooledBatches(pool, batch_size=32, seed=2)
+    other = batches.PooledBatches(pool, batch_size=32, seed=2)
     assert not np.array_equal(other.indices(0), straight[0])
     with pytest.raises(ValueError, match=r"the pool has 10 samples, fewer than batch_size=32"):
-        data.PooledBatches(np.arange(10), batch_size=32, seed=0)
+        batches.PooledBatches(np.arange(10), batch_size=32, seed=0)
+
+
+def test_batch_order_pinned() -> None:
+    """The RNG streams are part of the contract: these values were produced
+    before the class-group / batch code moved to masc_jax.batches."""
+    ab = batches.AgentBatches([np.arange(10), np.arange(10, 30)], 4, seed=3)
+    assert ab.indices(0).tolist() == [[9, 6, 0, 2], [21, 11, 13, 18]]
+    assert ab.indices(ab.steps_per_epoch + 1).tolist() == [[4, 6, 1, 2], [27, 12, 21, 16]]
+    pb = batches.PooledBatches(np.arange(50), 5, seed=3)
+    assert pb.indices(0).tolist() == [49, 24, 32, 25, 27]
+    assert pb.indices(pb.steps_per_epoch).tolist() == [4, 30, 3, 22, 34]
+    assert batches.make_class_groups(6, 3, permutation_seed=4).groups.tolist() == [[1, 2], [0, 5], [3, 4]]
 
 
 @pytest.mark.parametrize("n,bs", [(10, 4), (12, 4), (3, 8), (1, 1), (0, 5)])
 def test_eval_batches(n: int, bs: int) -> None:
-    out = list(data.eval_batches(n, bs))
+    out = list(batches.eval_batches(n, bs))
     assert len(out) == -(-n // bs)
     covered = []
     for i, (ix, valid) in enumerate(out):
@@ -290,6 +347,21 @@ def test_cifar100_via_tfds_mock_data() -> None:
     assert ds.image_shape == (32, 32, 3)
     assert ds.mean.shape == (3,) and ds.std.shape == (3,) and ds.mean.dtype == np.float32
     assert "tensorflow" not in sys.modules
+
+
+def test_cifar_table_mismatch_under_mock_data(monkeypatch) -> None:
+    """Records whose images do not have the table's shape are a clear error."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.testing import mocking
+
+    def getitems(*args, generator, serialized=False):
+        return [generator[key] for key in args[-1]]
+
+    wrong = dataclasses.replace(data.DATASETS["cifar100"], image_shape=(28, 28, 3))
+    monkeypatch.setitem(data.DATASETS, "cifar100", wrong)
+    with mock.patch.object(mocking, "_getitems", getitems), tfds.testing.mock_data(num_examples=5):
+        with pytest.raises(data.DatasetNotPreparedError, match=r"cifar100 train.*\(32, 32, 3\).*\(28, 28, 3\)"):
+            data.load_dataset("cifar100", data_dir="/unused/under/mock_data")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from masc_jax import checkpointing, config_lib, data, train
+from masc_jax import batches, checkpointing, config_lib, train
 from conftest import REPO, run_main
 
 COMPARED = ("rows", "group_accuracy", "society_accuracy", "collective_accuracy", "directionality")
@@ -220,7 +220,7 @@ def test_same_seed_same_everything_other_seed_differs():
   kernels = lambda s: [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
       {name: m.params for name, m in s.items()})[0] if "kernel" in jax.tree_util.keystr(path)]
   assert kernels(a) and all(not np.array_equal(x, z) for x, z in zip(kernels(a), kernels(c)))
-  per_agent = data.agent_indices(society.dataset.train_labels, society.class_groups)
-  order = lambda seed: data.AgentBatches(per_agent, 16, seed).indices(0)
+  per_agent = batches.agent_indices(society.dataset.train_labels, society.class_groups)
+  order = lambda seed: batches.AgentBatches(per_agent, 16, seed).indices(0)
   np.testing.assert_array_equal(order(0), order(0))
   assert not np.array_equal(order(0), order(1))

@@ -290,10 +290,10 @@ def test_collaboration_loss_matches_numpy(kd_teachers) -> None:
                                 CC_SETTINGS["kd_weight"], CC_SETTINGS["kd_temperature"],
                                 CC_SETTINGS["align_weight"], CC_SETTINGS["energy_anchor"],
                                 CC_SETTINGS["energy_temperature"])
-    fn = functools.partial(losses.collaboration_loss, kd_teachers=kd_teachers, **CC_SETTINGS)
-    for f in (fn, jax.jit(fn)):
+    settings = losses.LossSettings(kd_teachers=kd_teachers, **CC_SETTINGS)
+    for f in (losses.collaboration_loss, jax.jit(losses.collaboration_loss)):
         total, terms = f(jnp.asarray(student), jnp.asarray(labels), jnp.asarray(agent_logits),
-                         jnp.asarray(CLASS_OWNER))
+                         jnp.asarray(CLASS_OWNER), settings)
         np.testing.assert_allclose(float(total), expected["total"], rtol=1e-5, atol=1e-5)
         _assert_terms(terms, expected)
         assert float(terms["total"]) == float(total)
@@ -304,7 +304,8 @@ def test_collaboration_loss_teacher_modes_differ() -> None:
     student, labels = _logits((B, C), seed=10), _labels(seed=10)
     agent_logits = jnp.asarray(_logits((K, B, C), seed=11))
     kds = [float(losses.collaboration_loss(jnp.asarray(student), jnp.asarray(labels), agent_logits,
-                                           jnp.asarray(CLASS_OWNER), kd_teachers=mode)[1]["kd"])
+                                           jnp.asarray(CLASS_OWNER),
+                                           losses.LossSettings(kd_teachers=mode))[1]["kd"])
            for mode in losses.KD_TEACHERS]
     assert len({round(v, 4) for v in kds}) == 3, kds
 
@@ -323,7 +324,8 @@ def test_collaboration_loss_defaults_follow_spec() -> None:
 def test_collaboration_loss_unknown_teacher_mode() -> None:
     with pytest.raises(ValueError, match="kd_teachers.*'best'"):
         losses.collaboration_loss(jnp.zeros((B, C)), jnp.zeros((B,), jnp.int32),
-                                  jnp.zeros((K, B, C)), jnp.asarray(CLASS_OWNER), kd_teachers="best")
+                                  jnp.zeros((K, B, C)), jnp.asarray(CLASS_OWNER),
+                                  losses.LossSettings(kd_teachers="best"))
 
 
 def test_collaboration_loss_shape_errors() -> None:
@@ -335,7 +337,7 @@ def test_collaboration_loss_shape_errors() -> None:
                                   jnp.zeros((K, B, C)), jnp.asarray(CLASS_OWNER))
 
 
-RA_SETTINGS = dict(kd_weight=0.4, kd_temperature=3.0, align_weight=0.2, energy_anchor=-7.0,
+RA_SETTINGS = dict(ra_kd_weight=0.4, kd_temperature=3.0, align_weight=0.2, energy_anchor=-7.0,
                    energy_temperature=0.8)
 
 
@@ -347,15 +349,11 @@ def test_altruism_loss_matches_numpy(with_teacher) -> None:
     kd = np_kd(student, teacher, RA_SETTINGS["kd_temperature"]) if with_teacher else 0.0
     align = np_align(student, RA_SETTINGS["energy_anchor"], RA_SETTINGS["energy_temperature"])
     expected = {"ce": ce, "kd": kd, "align": align,
-                "total": ce + RA_SETTINGS["kd_weight"] * kd + RA_SETTINGS["align_weight"] * align}
-    if with_teacher:
-        fn = functools.partial(losses.altruism_loss, **RA_SETTINGS)
-        args = (jnp.asarray(student), jnp.asarray(labels), jnp.asarray(teacher))
-    else:
-        fn = functools.partial(losses.altruism_loss, teacher_logits=None, **RA_SETTINGS)
-        args = (jnp.asarray(student), jnp.asarray(labels))
-    for f in (fn, jax.jit(fn)):
-        total, terms = f(*args)
+                "total": ce + RA_SETTINGS["ra_kd_weight"] * kd + RA_SETTINGS["align_weight"] * align}
+    settings = losses.LossSettings(**RA_SETTINGS)
+    args = (jnp.asarray(student), jnp.asarray(labels), jnp.asarray(teacher) if with_teacher else None)
+    for f in (losses.altruism_loss, jax.jit(losses.altruism_loss)):
+        total, terms = f(*args, settings)
         np.testing.assert_allclose(float(total), expected["total"], rtol=1e-5, atol=1e-5)
         _assert_terms(terms, expected)
     if not with_teacher:
@@ -367,3 +365,53 @@ def test_altruism_loss_gradient_does_not_reach_teacher() -> None:
     teacher = jnp.asarray(_logits((B, C), seed=17))
     grad_t = jax.grad(lambda t: losses.altruism_loss(student, labels, t)[0])(teacher)
     np.testing.assert_array_equal(np.asarray(grad_t), 0.0)
+
+
+# ----------------------------------------------------------------------------- the registries
+
+
+def test_collaboration_loss_without_teachers_is_ce_plus_alignment() -> None:
+    # One code path: no teachers means no KD term, the rest as with teachers.
+    student, labels = _logits((B, C), seed=18), _labels(seed=18)
+    settings = losses.LossSettings(**CC_SETTINGS)
+    total, terms = losses.collaboration_loss(jnp.asarray(student), jnp.asarray(labels), None,
+                                             jnp.asarray(CLASS_OWNER), settings)
+    ce = np_ce(student, labels)
+    align = np_align(student, CC_SETTINGS["energy_anchor"], CC_SETTINGS["energy_temperature"])
+    assert float(terms["kd"]) == 0.0
+    np.testing.assert_allclose(float(total), ce + CC_SETTINGS["align_weight"] * align, rtol=1e-5)
+
+
+def test_registered_losses_and_when_they_need_teachers() -> None:
+    assert {"masc", "ce"} <= set(losses.CC_LOSSES) and {"masc", "ce"} <= set(losses.RA_LOSSES)
+    assert losses.CC_LOSSES["masc"].fn is losses.collaboration_loss
+    assert losses.RA_LOSSES["masc"].fn is losses.altruism_loss
+    default = losses.LossSettings()
+    assert losses.CC_LOSSES["masc"].uses_teachers(default)
+    assert not losses.CC_LOSSES["masc"].uses_teachers(default.replace(kd_weight=0.0))
+    assert not losses.CC_LOSSES["ce"].uses_teachers(default)
+    assert losses.RA_LOSSES["masc"].uses_teachers(default)
+    assert not losses.RA_LOSSES["masc"].uses_teachers(default.replace(ra_teacher="none"))
+    assert not losses.RA_LOSSES["masc"].uses_teachers(default.replace(ra_kd_weight=0.0))
+    student, labels = _logits((B, C), seed=19), _labels(seed=19)
+    total, terms = losses.CC_LOSSES["ce"].fn(jnp.asarray(student), jnp.asarray(labels), None,
+                                             jnp.asarray(CLASS_OWNER), default)
+    np.testing.assert_allclose(float(total), np_ce(student, labels), rtol=1e-6)
+    assert set(terms) == {"ce", "total"}
+
+
+def test_registering_a_loss_twice_is_refused_unless_replaced() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        losses.register_cc_loss("masc")(losses.collaboration_loss)
+    with pytest.raises(ValueError, match="no loss named 'nope'.*masc"):
+        losses.lookup(losses.CC_LOSSES, "nope")
+
+
+def test_loss_settings_from_config_reads_every_field() -> None:
+    from masc_jax import config_lib
+    config = config_lib.load_config("digits", ["loss.kd_weight=0.3", "loss.kd_teachers=all",
+                                               "loss.ra_teacher=collective", "loss.energy_anchor=-4.0"])
+    settings = losses.LossSettings.from_config(config.loss)
+    assert (settings.kd_weight, settings.kd_teachers, settings.ra_teacher, settings.energy_anchor) == (
+        0.3, "all", "collective", -4.0)
+    assert settings.align_weight == config.loss.align_weight

@@ -1,5 +1,6 @@
-"""README's code must run as written: its Python snippet, and its test command in .ci/run."""
+"""README's code must run as written: its Python snippets, and its test command in .ci/run."""
 
+import json
 import os
 import re
 import subprocess
@@ -19,6 +20,21 @@ def test_python_snippet_runs():
                        cwd=REPO, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "(4, 8, 100)" in out.stdout and "nan" not in out.stdout
+
+
+def test_extend_it_snippet_registers_a_rule_and_a_loss_and_runs(tmp_path):
+  """README "Extend it": a rule and a CC loss from outside the package, by name, end to end."""
+  snippet = re.findall(r"```python\n(.*?)```", readme(), re.S)[1]
+  assert "register_rule" in snippet and "register_cc_loss" in snippet
+  out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.splitlines()[-1].startswith("top2_gap ")
+  workdir = tmp_path / "runs" / "extend_demo"
+  assert "Routing rule: top2_gap" in (workdir / "results.md").read_text()
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("entropy" in r for r in logged if r.get("stage") == "collective")
+  assert not any("entropy" in r for r in logged if r.get("stage") == "experts")
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,4 +1,4 @@
-"""Tests for masc_jax.reporting (numpy + matplotlib only; fast)."""
+"""Tests for masc_jax.reporting, masc_jax.plots and masc_jax.progress (numpy + matplotlib only; fast)."""
 
 import copy
 import json
@@ -8,17 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from masc_jax import reporting
-from masc_jax.reporting import (
-    MetricsLogger,
-    ROW_TITLES,
-    format_duration,
-    plot_report,
-    progress_line,
-    results_markdown,
-    stage_summary_line,
-    write_results,
-)
+from masc_jax import plots
+from masc_jax.plots import plot_report
+from masc_jax.progress import MetricsLogger, format_duration, progress_line, stage_summary_line
+from masc_jax.reporting import ROW_TITLES, results_markdown, write_results
 
 K, M, PER_CLASS = 3, 4, 10
 
@@ -156,6 +149,75 @@ def test_markdown_only_some_rows():
     assert "## after growth (CC+RA)" in md and "## before growth" not in md
 
 
+ENERGY_EXPLANATION = ("Society accuracy: over all classes, each image answered by the agent of lowest "
+                      "energy. Directionality: for every class group, its owner agent is the most accurate.")
+RULE_EXPLANATION = ("Society accuracy: over all classes, each image answered by the agent the routing "
+                    "rule picks. Directionality: for every class group, its owner agent is the most accurate.")
+
+
+def _after_explanation(md):
+    """The Summary section's lines from the explanation line to the next section."""
+    lines = md.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("Society accuracy:"))
+    stop = next(i for i in range(start, len(lines)) if lines[i].startswith("## "))
+    return lines[start:stop]
+
+
+def test_markdown_routing_absent_is_unchanged():
+    md = results_markdown(make_results())
+    assert _after_explanation(md) == [ENERGY_EXPLANATION, ""]
+    assert "Routing rule" not in md
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({"routing": "energy"}, [ENERGY_EXPLANATION, "", "Routing rule: energy", ""]),
+    ({"routing": "energy", "routing_margin": 0.0}, [ENERGY_EXPLANATION, "", "Routing rule: energy", ""]),
+    ({"routing": "energy", "routing_margin": None}, [ENERGY_EXPLANATION, "", "Routing rule: energy", ""]),
+    ({"routing": "confidence"}, [RULE_EXPLANATION, "", "Routing rule: confidence", ""]),
+    ({"routing": "margin_energy", "routing_margin": 0.5},
+     [RULE_EXPLANATION, "", "Routing rule: margin_energy (margin 0.5)", ""]),
+    ({"routing": "energy", "routing_margin": np.float32(0.25)},
+     [ENERGY_EXPLANATION, "", "Routing rule: energy (margin 0.25)", ""]),
+])
+def test_markdown_routing_rule(extra, expected):
+    res = make_results()
+    plain = results_markdown(res)
+    res.update(extra)
+    md = results_markdown(res)
+    assert _after_explanation(md) == expected
+    # Nothing else changes: dropping the new lines (and the explanation) gives the old report back.
+    assert md.replace(expected[0], ENERGY_EXPLANATION).replace(f"{expected[2]}\n\n", "") == plain
+
+
+def _timing_stages(md):
+    body = _sections(md)["Timings"].splitlines()
+    return [l.split("|")[1].strip() for l in body if l.startswith("| ") and not l.startswith("| stage")]
+
+
+def _timings(*names):
+    return {n: {"compile_s": 1.0, "train_s": 2.0, "steps": 3, "images_per_s": 4.0} for n in names}
+
+
+def test_markdown_timings_follow_results_stages():
+    res = make_results()
+    res["timings"] = _timings("altruism", "collective", "experts", "extra")
+    res["stages"] = ["experts", "altruism", "collective"]
+    md = results_markdown(res)
+    assert _timing_stages(md) == ["experts", "altruism", "collective", "extra"]
+    assert "| altruism | 3 | 1.0s | 2.0s | 4.0 |" in md.splitlines()
+    # The order comes from "stages", not from the timings dict (results.json sorts its keys).
+    res["stages"] = ["collective", "experts", "altruism", "extra"]
+    assert _timing_stages(results_markdown(res)) == ["collective", "experts", "altruism", "extra"]
+
+
+def test_markdown_timings_legacy_order_without_stages():
+    """Results written before they recorded "stages" keep today's order."""
+    res = make_results()
+    res["timings"] = _timings("altruism_ce", "zeta", "collective_ce", "altruism", "experts", "collective", "alpha")
+    assert _timing_stages(results_markdown(res)) == [
+        "experts", "collective", "altruism", "collective_ce", "altruism_ce", "alpha", "zeta"]
+
+
 # ----------------------------------------------------------------------------- files
 
 def _numpyify(res):
@@ -208,7 +270,7 @@ def _check_png(path):
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     img = mpimg.imread(path)
-    w, h = (int(round(s * reporting.REPORT_DPI)) for s in reporting.REPORT_FIGSIZE)
+    w, h = (int(round(s * plots.REPORT_DPI)) for s in plots.REPORT_FIGSIZE)
     assert img.shape[:2] == (h, w)
     assert float(img[..., :3].std()) > 0.01  # not a blank canvas
 

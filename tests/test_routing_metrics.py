@@ -129,6 +129,69 @@ def test_grown_agent_logits_shape_errors() -> None:
         routing.grown_agent_logits(jnp.zeros((4, 3)), jnp.zeros((2, 5, 3)))      # batch differs
 
 
+
+# ----------------------------------------------------------------------------- rules by name
+
+
+def np_msp_choice(stack: np.ndarray, temperature: float) -> np.ndarray:
+    """Per sample, the model whose softmax(z / T) has the largest maximum (first on ties)."""
+    probs = special.softmax(np.asarray(stack, np.float64) / temperature, axis=-1)
+    return np.argmax(probs.max(axis=-1), axis=0)
+
+
+def np_margin_choice(stack: np.ndarray, temperature: float, margin: float) -> np.ndarray:
+    """Per sample, the first model whose free energy is at most the lowest plus ``margin``."""
+    energy = -temperature * special.logsumexp(np.asarray(stack, np.float64) / temperature, axis=-1)
+    return np.array([next(m for m in range(stack.shape[0]) if energy[m, b] <= energy[:, b].min() + margin)
+                     for b in range(stack.shape[1])])
+
+
+@pytest.mark.parametrize("rule,margin", [("energy", 0.0), ("msp", 0.0), ("energy_margin", 0.0),
+                                         ("energy_margin", 0.7), ("energy_margin", 100.0)])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_registered_rules_match_numpy(rule, margin, temperature) -> None:
+    stack = _logits((3, 64, 5), seed=31)
+    expected = {"energy": lambda: np_choice(stack, temperature),
+                "msp": lambda: np_msp_choice(stack, temperature),
+                "energy_margin": lambda: np_margin_choice(stack, temperature, margin)}[rule]()
+    settings = routing.RoutingSettings(temperature=temperature, margin=margin)
+    route = jax.jit(functools.partial(routing.route, rule=rule, settings=settings))
+    chosen, choice = route(jnp.asarray(stack))
+    np.testing.assert_array_equal(np.asarray(choice), expected)
+    np.testing.assert_array_equal(np.asarray(chosen), stack[expected, np.arange(64)])
+    if rule == "energy_margin" and margin == 100.0:
+        assert not np.asarray(choice).any()              # everything within the margin: model 0
+    if rule == "energy_margin" and margin == 0.7:
+        # A real margin: it keeps model 0 on some inputs where energy alone would not.
+        assert (np.asarray(choice) != np_choice(stack, temperature)).any()
+
+
+def test_msp_and_energy_disagree_where_confidence_is_spread_differently() -> None:
+    # Model 0: one large logit (high max prob, lower logsumexp); model 1: many large logits.
+    peaked = np.array([[[6.0, 0.0, 0.0, 0.0]]], np.float32)
+    flat = np.array([[[5.9, 5.9, 5.9, 5.9]]], np.float32)
+    stack = jnp.asarray(np.concatenate([peaked, flat]))
+    assert int(routing.route(stack, "msp")[1][0]) == 0
+    assert int(routing.route(stack, "energy")[1][0]) == 1
+
+
+def test_a_rule_registered_from_outside_is_used_by_name() -> None:
+    @routing.register_rule("test_last_model", replace=True)
+    def last_model(logits_stack, settings):
+        return jnp.full(logits_stack.shape[1], logits_stack.shape[0] - 1, jnp.int32)
+
+    try:
+        s, heads = _logits((6, 4), seed=40), _logits((2, 6, 4), seed=41)
+        grown, own = routing.grown_agent_logits(jnp.asarray(s), jnp.asarray(heads), rule="test_last_model")
+        assert np.asarray(own).all()
+        np.testing.assert_array_equal(np.asarray(grown), heads)
+        with pytest.raises(ValueError, match="already registered"):
+            routing.register_rule("test_last_model")(last_model)
+    finally:
+        del routing.RULES["test_last_model"]
+    with pytest.raises(ValueError, match="no routing rule named 'test_last_model'.*energy"):
+        routing.lookup("test_last_model")
+
 # ----------------------------------------------------------------------------- metrics
 
 K = 3

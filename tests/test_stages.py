@@ -1,4 +1,4 @@
-"""Tests for masc_jax.stages: optimiser, collective, altruism and predict steps.
+"""Tests for masc_jax.stages and the stage table's predictions: optimiser, steps, rows.
 
 Each compiled step is compared with the same step written out by hand: the
 losses from ``masc_jax.losses`` on logits computed agent by agent (Python
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from masc_jax import agents, losses, models, stages
+from masc_jax import agents, losses, models, protocol, stages
 from conftest import random_variables
 
 K, B, C = 3, 4, 6
@@ -29,8 +29,8 @@ COLLECTIVE = models.Network(widths=(8, 8), pool_after=(0, 1), head_hidden=(16,),
                             dropout_rate=0.5)
 BACKBONE, HEAD = models.backbone_of(COLLECTIVE), models.head_of(COLLECTIVE)
 OPTIM = types.SimpleNamespace(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, grad_clip_norm=0.0)
-LOSS = types.SimpleNamespace(kd_teachers="all", kd_weight=0.7, kd_temperature=2.0, align_weight=0.3,
-                             energy_anchor=-5.0, energy_temperature=1.5, ra_kd_weight=0.6)
+LOSS = losses.LossSettings(kd_teachers="all", kd_weight=0.7, kd_temperature=2.0, align_weight=0.3,
+                           energy_anchor=-5.0, energy_temperature=1.5, ra_kd_weight=0.6)
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -168,11 +168,8 @@ def _collective_by_hand(state, batch, rng, teacher_list, kd_weight):
         logits, new_vars = COLLECTIVE.apply({"params": params, "batch_stats": state.batch_stats}, x,
                                             train=True, mutable=["batch_stats"],
                                             rngs={"dropout": dropout_rng})
-        total, terms = losses.collaboration_loss(
-            logits, batch["label"], teacher_logits, CLASS_OWNER, kd_teachers=LOSS.kd_teachers,
-            kd_weight=kd_weight, kd_temperature=LOSS.kd_temperature,
-            align_weight=LOSS.align_weight, energy_anchor=LOSS.energy_anchor,
-            energy_temperature=LOSS.energy_temperature)
+        total, terms = losses.collaboration_loss(logits, batch["label"], teacher_logits, CLASS_OWNER,
+                                                 LOSS.replace(kd_weight=kd_weight))
         return total, (new_vars["batch_stats"], logits, terms)
 
     (_, (stats, logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -196,7 +193,7 @@ def test_collective_step_equals_collaboration_loss_by_hand(with_teachers) -> Non
     rng = COLLECTIVE_RNG
     expected_state, expected_terms, logits = _collective_reference(with_teachers)
     step = jax.jit(functools.partial(stages.collective_step, network=COLLECTIVE, teacher_network=EXPERT,
-                                     tx=tx, augment=_augment, class_owner=CLASS_OWNER, loss_config=LOSS))
+                                     tx=tx, augment=_augment, class_owner=CLASS_OWNER, settings=LOSS))
     teachers = experts.variables() if with_teachers else None
     new_state, metrics = step(collective, pooled, rng, teachers)
     assert set(metrics) == {"ce", "kd", "align", "total", "accuracy"}
@@ -219,6 +216,39 @@ def test_collective_step_equals_collaboration_loss_by_hand(with_teachers) -> Non
     chex.assert_trees_all_close(new_state.opt_state, expected_state.opt_state, **TOL)
     assert not np.allclose(np.asarray(new_state.params["head"]["logits"]["kernel"]),
                            np.asarray(collective.params["head"]["logits"]["kernel"]))
+
+
+def test_collective_step_with_the_ce_loss_is_cross_entropy_alone() -> None:
+    # The ablation's S trains with the registered "ce" loss: no term of the settings reaches it,
+    # whatever their weights (a weight added later cannot leak into the "RA only" row).
+    tx, _, collective, _, _, _, pooled, _ = _setup()
+    rng = COLLECTIVE_RNG
+
+    @jax.jit
+    def by_hand(state):
+        aug_rng, dropout_rng = jax.random.split(rng)
+        x = _augment(pooled["image"], aug_rng)
+
+        def ce(params):
+            logits, new_vars = COLLECTIVE.apply({"params": params, "batch_stats": state.batch_stats},
+                                                x, train=True, mutable=["batch_stats"],
+                                                rngs={"dropout": dropout_rng})
+            log_p = jax.nn.log_softmax(logits)
+            return -jnp.mean(log_p[jnp.arange(B), pooled["label"]]), new_vars["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(ce, has_aux=True)(state.params)
+        return _apply_updates(state, grads, stats, tx), loss
+
+    expected_state, expected_loss = by_hand(collective)
+    heavy = LOSS.replace(kd_weight=50.0, align_weight=50.0)
+    step = jax.jit(functools.partial(
+        stages.collective_step, network=COLLECTIVE, teacher_network=EXPERT, tx=tx, augment=_augment,
+        class_owner=CLASS_OWNER, settings=heavy, loss_fn=losses.CC_LOSSES["ce"].fn))
+    assert not losses.CC_LOSSES["ce"].uses_teachers(heavy)
+    new_state, metrics = step(collective, pooled, rng, None)
+    assert set(metrics) == {"ce", "total", "accuracy"}
+    np.testing.assert_allclose(float(metrics["total"]), float(expected_loss), **TOL)
+    chex.assert_trees_all_close(new_state.params, expected_state.params, **TOL)
 
 
 def test_collective_step_teachers_change_the_update() -> None:
@@ -255,10 +285,7 @@ def _head_step_by_hand(state_k, features_k, labels_k, teacher_k, rng_k):
 
     def loss_fn(params):
         logits = HEAD.apply({"params": params}, features_k, train=True, rngs={"dropout": rng_k})
-        total, terms = losses.altruism_loss(
-            logits, labels_k, teacher_k, kd_weight=LOSS.ra_kd_weight, kd_temperature=LOSS.kd_temperature,
-            align_weight=LOSS.align_weight, energy_anchor=LOSS.energy_anchor,
-            energy_temperature=LOSS.energy_temperature)
+        total, terms = losses.altruism_loss(logits, labels_k, teacher_k, LOSS)
         return total, (terms, logits)
 
     (_, (terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state_k.params)
@@ -276,7 +303,7 @@ def test_altruism_step_equals_per_agent_head_updates(with_teacher, strategy) -> 
         frozen["teacher"] = experts.variables()
     step = jax.jit(functools.partial(stages.altruism_step, backbone=BACKBONE, head=HEAD,
                                      teacher_network=EXPERT, teacher_is_stacked=True, tx=tx,
-                                     augment=_augment, loss_config=LOSS, strategy=strategy))
+                                     augment=_augment, settings=LOSS, strategy=strategy))
     new_state, metrics = step(heads, per_agent, rng, frozen)
     # By hand, with the same keys as the step: aug_rng, rng = split(rng); one key per agent.
     _, head_rng = jax.random.split(rng)
@@ -382,20 +409,32 @@ def _predict_case():
     return variables, images, logits
 
 
-@pytest.mark.parametrize("present", [("experts",), ("experts", "collective", "heads"),
-                                     ("collective", "collective_ce", "heads_ce")])
-def test_predict_step_rows(present) -> None:
+def _society(routing="energy", margin=0.0):
+    """The parts of ``train.Society`` that the stage table's predictions read."""
+    config = types.SimpleNamespace(routing=routing, routing_margin=margin,
+                                   loss=types.SimpleNamespace(energy_temperature=1.0))
+    return types.SimpleNamespace(expert_network=EXPERT, collective_network=COLLECTIVE,
+                                 backbone=BACKBONE, head=HEAD, num_agents=K, strategy="auto",
+                                 config=config)
+
+
+@pytest.mark.parametrize("trained", [("experts",), ("experts", "collective", "altruism"),
+                                     ("collective", "collective_ce", "altruism_ce")])
+def test_stage_table_predictions(trained) -> None:
     all_vars, images, logits = _predict_case()
-    step = jax.jit(functools.partial(stages.predict_step, expert_network=EXPERT, collective_network=COLLECTIVE,
-                                     backbone=BACKBONE, head=HEAD, normalize=_normalize))
-    out = step({k: all_vars[k] for k in present}, images)
+    specs = tuple(protocol.BY_NAME[name] for name in trained)
+    present = {spec.variables_key for spec in specs}
+    predict = jax.jit(lambda v, x: protocol.predict_rows(_society(), specs, v, x, _normalize))
+    out = predict({k: all_vars[k] for k in present}, images)
     n = images.shape[0]
     expected = {}
     if "experts" in present:
         expected.update(before_growth=np.argmax(logits["experts"], -1),
                         society_before_growth=_np_route(logits["experts"]))
     if "collective" in present:
-        expected.update(cc=np.argmax(logits["cc"], -1))
+        cc = np.argmax(logits["cc"], -1)
+        # CC only: every agent answers with S, and so does the society.
+        expected.update(cc=cc, cc_only=np.broadcast_to(cc, (K, n)), society_cc_only=cc)
     if "heads" in present:
         grown = _np_grown(logits["cc"], logits["cc_heads"])
         expected.update(after_growth=np.argmax(grown, -1), society_after_growth=_np_route(grown))
@@ -405,7 +444,44 @@ def test_predict_step_rows(present) -> None:
                         society_ra_only=_np_route(grown))
     assert set(out) == set(expected)
     for key, value in expected.items():
-        per_agent = key in ("before_growth", "after_growth", "ra_only")
+        per_agent = key in ("before_growth", "after_growth", "ra_only", "cc_only")
         assert out[key].shape == ((K, n) if per_agent else (n,)), key
         assert jnp.issubdtype(out[key].dtype, jnp.integer), key
         np.testing.assert_array_equal(np.asarray(out[key]), value, err_msg=key)
+
+
+def _np_msp_route(stack):
+    """[M, B, C] -> [B]: the model with the highest maximum softmax probability (first on ties)."""
+    p = special.softmax(np.asarray(stack, np.float64), axis=-1).max(-1)
+    return np.argmax(p, axis=0)
+
+
+def _np_margin_route(stack, margin):
+    """[M, B, C] -> [B]: the first model whose free energy is within ``margin`` of the lowest."""
+    energy = -_np_lse(stack)
+    return np.array([np.flatnonzero(energy[:, b] <= energy[:, b].min() + margin)[0]
+                     for b in range(stack.shape[1])])
+
+
+@pytest.mark.parametrize("rule,margin", [("msp", 0.0), ("energy_margin", 0.5)])
+def test_stage_table_predictions_follow_the_configured_rule(rule, margin) -> None:
+    # The rule is used where each agent picks S or its own head, and across agents.
+    all_vars, images, logits = _predict_case()
+    specs = (protocol.BY_NAME["experts"], protocol.BY_NAME["collective"], protocol.BY_NAME["altruism"])
+    predict = jax.jit(lambda v, x: protocol.predict_rows(_society(rule, margin), specs, v, x, _normalize))
+    out = predict({k: all_vars[k] for k in ("experts", "collective", "heads")}, images)
+    route = _np_msp_route if rule == "msp" else functools.partial(_np_margin_route, margin=margin)
+
+    def pick(stack):
+        m = route(stack)
+        return stack[m, np.arange(stack.shape[1])]
+
+    grown = np.stack([pick(np.stack([logits["cc"], logits["cc_heads"][a]])) for a in range(K)])
+    np.testing.assert_array_equal(np.asarray(out["after_growth"]), np.argmax(grown, -1))
+    np.testing.assert_array_equal(np.asarray(out["society_after_growth"]),
+                                  np.argmax(pick(grown), -1))
+    np.testing.assert_array_equal(np.asarray(out["society_before_growth"]),
+                                  np.argmax(pick(logits["experts"]), -1))
+    # The rule matters here: energy routing answers differently on this case.
+    energy = np.argmax(_np_grown(logits["cc"], logits["cc_heads"]), -1)
+    assert not np.array_equal(np.asarray(out["after_growth"]), energy)

@@ -5,14 +5,14 @@ import os
 
 import numpy as np
 
-from masc_jax import config_lib, data, metrics, reporting, train
+from masc_jax import config_lib, data, metrics, protocol, reporting, train
 
 ROWS = ("before_growth", "after_growth", "cc_only", "ra_only")
 
 
 def test_every_stage_runs_and_writes_its_outputs(tiny_run):
   workdir, results, lines = tiny_run
-  for name in train.stage_names(config_lib.load_config("tiny")):
+  for name in protocol.stage_names(config_lib.load_config("tiny")):
     assert any(line.startswith(f"[{name}] done:") for line in lines), name
   assert set(results["rows"]) == set(ROWS)
   for name in ("results.json", "results.md", "report.png", "metrics.jsonl", "config.json"):
@@ -29,7 +29,7 @@ def test_metrics_log_has_a_record_per_logged_step_and_evaluation(tiny_run):
   evals = [r for r in records if "eval" in r]
   progress = [l for l in lines if "| ETA" in l]
   assert len(steps) == len(progress)
-  assert [r["stage"] for r in evals] == list(train.stage_names(config_lib.load_config("tiny")))
+  assert [r["stage"] for r in evals] == list(protocol.stage_names(config_lib.load_config("tiny")))
   assert all({"ce", "total", "images_per_s", "global_step"} <= set(r) for r in steps)
 
 

@@ -49,8 +49,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.epochs.collective = 100
   config.epochs.altruism = 100
 
-  # Losses (spec: L_CC and L_RA).
+  # Losses (spec: L_CC and L_RA). `cc` and `ra` name registered losses
+  # (masc_jax.losses.CC_LOSSES / RA_LOSSES: "masc" is the spec's, "ce" is CE alone);
+  # the ablation's collective always trains with "ce".
   config.loss = ml_collections.ConfigDict()
+  config.loss.cc = "masc"
+  config.loss.ra = "masc"
   config.loss.kd_teachers = "owner"    # owner | amalgamate | all
   config.loss.kd_weight = 1.0
   config.loss.kd_temperature = 1.0
@@ -62,6 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Also train the CE-only collective and RA on it: the paper's ablation rows.
   config.ablations = True
+
+  # Inference: which head a grown agent answers with, and which agent answers for
+  # the society (masc_jax.routing.RULES): energy | msp | energy_margin.
+  config.routing = "energy"
+  config.routing_margin = 0.0          # energy_margin: S (or the lowest agent) keeps ties within it
 
   # Execution.
   config.seed = 0
