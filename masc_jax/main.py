@@ -91,13 +91,13 @@ def main(job: Job) -> None:
     import jax
     jax.distributed.initialize()
   # Imported here so that a bad flag fails fast, before TFDS and the training code load.
-  from masc_jax import checkpointing, data, sharding, train, workdir
+  from masc_jax import checkpointing, data, sharding, step_log, train, workdir
 
   try:
     train.train_and_evaluate(job.config, job.workdir,
                              allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except (config_lib.ConfigError, data.DatasetNotPreparedError, workdir.WorkdirError,
-          checkpointing.NoGoodCheckpointError, train.NonFiniteLossError,
+          checkpointing.NoGoodCheckpointError, step_log.NonFiniteLossError,
           sharding.MeshError) as e:
     _fail(str(e))
 

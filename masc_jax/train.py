@@ -31,14 +31,11 @@ import numpy as np
 from masc_jax import (agents, augment, batches, checkpointing, config_lib, data, evaluation,
                       models, plots, progress, protocol, reporting, routing, sharding, stages,
                       workdir as workdir_lib)
+from masc_jax.step_log import NonFiniteLossError, StepLog
 from masc_jax.protocol import StageSpec
 
 PyTree = Any
 DONE = "done"          # the run position after the last stage
-
-
-class NonFiniteLossError(RuntimeError):
-  """A loss term or the parameters became NaN/Inf."""
 
 
 class Preempted(SystemExit):
@@ -204,52 +201,6 @@ def _all_finite(tree: PyTree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.floating)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-class StepLog:
-  """One stage's per-step metrics: when to log them, the NaN check, the progress line.
-
-  Metrics stay on device until a log or checkpoint point, so the host does not
-  wait for every step.
-  """
-
-  def __init__(self, spec: StageSpec, total: int, images_per_step: int, every: int,
-               global_offset: int, log: Callable[[str], None], metrics_log: progress.MetricsLogger):
-    self.spec, self.total, self.every = spec, total, every
-    self.images_per_step, self.global_offset = images_per_step, global_offset
-    self.log, self.metrics_log = log, metrics_log
-    self.pending: list[tuple[int, dict]] = []
-    self.t_log, self.steps_since_log = time.perf_counter(), 0
-
-  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    self.pending.append((step, metrics))
-    self.steps_since_log += 1
-
-  def is_due(self, done: int) -> bool:
-    return done % self.every == 0 or done == self.total
-
-  def flush(self, done: int) -> None:
-    """Fetch the pending metrics, stop on a non-finite term, log the newest."""
-    if not self.pending:
-      return
-    fetched, self.pending = jax.device_get(self.pending), []
-    stage = self.spec.name
-    for s, m in fetched:
-      for term, value in m.items():
-        if not np.all(np.isfinite(value)):
-          raise NonFiniteLossError(
-              f"non-finite loss term '{term}' in stage {stage} at step {s} "
-              f"(global step {self.global_offset + s}); stopping. The last good checkpoint is "
-              "kept; lower the learning rate or set --config.optim.grad_clip_norm")
-    terms = {t: float(np.mean(v)) for t, v in fetched[-1][1].items()}
-    now = time.perf_counter()
-    elapsed = max(now - self.t_log, 1e-9)
-    rate = self.steps_since_log * self.images_per_step / elapsed
-    remaining = (self.total - done) * elapsed / max(self.steps_since_log, 1)
-    self.t_log, self.steps_since_log = now, 0
-    self.log(progress.progress_line(stage, done, self.total, rate, remaining, terms))
-    self.metrics_log.write({"stage": stage, "step": done, "global_step": self.global_offset + done,
-                            "images_per_s": rate, **terms})
 
 
 class Run:
