@@ -6,7 +6,8 @@ agent its own ``[K, B]``, or the pooled ``[B]``), for how many epochs, with
 which step and loss, which frozen models it reads, the variables key its model
 is known by, and which result rows it feeds. The training loop (``train``) and
 the evaluation read these entries and hold no per-stage logic, so a new stage (a
-second altruism round, another ablation) is one entry here plus its step.
+second altruism round, another ablation) is one entry plus its step: here, or
+from research code with ``register_stage``.
 
     stage          model       batches    variables key   feeds
     experts        experts     per agent  experts         row before_growth
@@ -202,6 +203,26 @@ STAGES: tuple[StageSpec, ...] = (
               loss=lambda config: config.loss.ra, ablation=True, **_HEADS),
 )
 BY_NAME: dict[str, StageSpec] = {spec.name: spec for spec in STAGES}
+
+
+def register_stage(spec: StageSpec, *, after: str) -> None:
+  """Add a stage to the protocol, trained right after stage ``after``.
+
+  Its model kind must be one of ``MODEL_KINDS`` (it starts from that kind's
+  initial state); its name and variables key must be new. Later stages keep
+  their order but get new step keys (a stage's keys follow its position).
+  """
+  global STAGES
+  if spec.name in BY_NAME or spec.variables_key in {s.variables_key for s in STAGES}:
+    raise ValueError(f"a stage named {spec.name!r} or with variables key {spec.variables_key!r} "
+                     "already exists")
+  if spec.model not in MODEL_KINDS:
+    raise ValueError(f"stage {spec.name!r}: model must be one of {MODEL_KINDS}, got {spec.model!r}")
+  if after not in BY_NAME:
+    raise ValueError(f"no stage named {after!r}; stages: {', '.join(BY_NAME)}")
+  position = [s.name for s in STAGES].index(after) + 1
+  STAGES = STAGES[:position] + (spec,) + STAGES[position:]
+  BY_NAME[spec.name] = spec
 
 
 def stages_for(config: ml_collections.ConfigDict) -> tuple[StageSpec, ...]:

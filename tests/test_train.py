@@ -1,9 +1,11 @@
 """The run end to end on the tiny config: stages, outputs, re-running a finished run."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
+import pytest
 
 from masc_jax import config_lib, data, metrics, protocol, reporting, train
 
@@ -62,3 +64,28 @@ def test_a_finished_run_reports_without_training(tiny_run):
   assert any("this run is finished" in l for l in lines)
   assert not any("| ETA" in l for l in lines)
   assert again["rows"] == json.loads(json.dumps(results["rows"]))
+
+
+def test_a_stage_registered_from_outside_is_trained_and_reported(tmp_path, monkeypatch):
+  """The loop runs whatever the stage table holds: a second round of heads, as one entry."""
+  monkeypatch.setattr(protocol, "STAGES", protocol.STAGES)
+  monkeypatch.setattr(protocol, "BY_NAME", dict(protocol.BY_NAME))
+  again = dataclasses.replace(protocol.BY_NAME["altruism"], name="altruism_again",
+                              variables_key="heads_again", rows=("after_growth_again",))
+  protocol.register_stage(again, after="altruism")
+  config = config_lib.load_config("tiny", ["ablations=False"])
+  assert protocol.stage_names(config) == ("experts", "collective", "altruism", "altruism_again")
+  lines = []
+  results = train.train_and_evaluate(config, str(tmp_path), log=lines.append)
+  assert set(results["rows"]) == {"before_growth", "cc_only", "after_growth", "after_growth_again"}
+  assert results["stages"][-1] == "altruism_again"
+  society = train.build_society(config)
+  assert results["timings"]["altruism_again"]["steps"] == (
+      society.agent_batches.steps_per_epoch * config.epochs.altruism)
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    evals = [r["stage"] for r in map(json.loads, f) if "eval" in r]
+  assert evals == ["experts", "collective", "altruism", "altruism_again"]
+  with open(os.path.join(tmp_path, "results.md")) as f:
+    assert "after growth again" in f.read()
+  with pytest.raises(ValueError, match="already exists"):
+    protocol.register_stage(again, after="altruism")
