@@ -94,6 +94,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   except KeyError as e:
     raise ConfigError(f"bad config override: no such field {_one_line(e)}") from None
   except (flags.Error, AttributeError, TypeError, ValueError) as e:
+    if "Error whilst parsing config file" in str(e.__context__ or e):
+      # get_config(ARG) raised while the flag was parsed: report its own error.
+      innermost = e
+      while innermost.__context__ is not None:
+        innermost = innermost.__context__
+      raise ConfigError(f"config {spec!r} did not load: {_one_line(innermost)}") from None
     raise ConfigError(f"bad config override: {_one_line(e)}") from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config {spec!r} did not load: {config}")

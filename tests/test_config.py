@@ -52,6 +52,10 @@ def test_load_errors(spec, overrides, message):
     ("model.expert_widths=(16, 0)", "model.expert_widths must be a non-empty list of positive integers"),
     ("loss.kd_temperature=0.0", "loss.kd_temperature must be a number in \\(0.0, inf\\)"),
     ("class_order_seed=-5", "class_order_seed must be -1"),
+    ("loss.cc='kd_only'", "loss.cc must be one of masc, ce"),
+    ("loss.ra='kd_only'", "loss.ra must be one of masc, ce"),
+    ("routing='vote'", "routing must be one of energy, msp, energy_margin"),
+    ("routing_margin=-1.0", "routing_margin must be a number in \\[0.0, inf\\)"),
 ])
 def test_validate_names_each_bad_field(override, message):
   config = config_lib.load_config("digits", [override])
@@ -70,6 +74,26 @@ def test_batch_larger_than_an_agents_data():
   config = config_lib.load_config("digits", ["batch_size=300"])
   with pytest.raises(config_lib.ConfigError, match="agent 0 has 259 training images, fewer than batch_size=300"):
     config_lib.check_against_data(config, [259, 260], 1297)
+
+
+@pytest.mark.parametrize("spec, overrides, message", [
+    ("digits:foo", [], "config 'digits:foo' did not load: digits config takes no argument, got 'foo'"),
+    ("cifar100:slow", [], "config 'cifar100:slow' did not load: the cifar100 config takes no argument"),
+    ("digits", ["batch_sizee=3"], 'bad config override: \'batch_sizee\' Did you mean "batch_size"'),
+    ("digits", ["batch_size=abc"], "bad config override: flag --config.batch_size=abc"),
+])
+def test_load_errors_are_one_readable_line(spec, overrides, message):
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.load_config(spec, overrides)
+  text = str(info.value)
+  assert text.startswith(message), text
+  assert "\n" not in text and "\\n" not in text and "Traceback" not in text
+
+
+def test_registered_configs_are_the_files_in_configs():
+  files = {f[:-3] for f in os.listdir(config_lib.CONFIG_DIR) if f.endswith(".py")}
+  assert set(config_lib.REGISTERED) == files - {"__init__", "common"}
+  assert {"cifar100", "cifar10", "digits", "tiny"} <= set(config_lib.REGISTERED)
 
 
 @pytest.mark.parametrize("args, message", [
