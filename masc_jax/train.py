@@ -30,7 +30,7 @@ import numpy as np
 
 from masc_jax import (agents, augment, batches, checkpointing, config_lib, data, evaluation,
                       models, plots, progress, protocol, reporting, routing, sharding, stages,
-                      workdir as workdir_lib)
+                      workdir as workdir_lib, faults)
 from masc_jax.step_log import NonFiniteLossError, StepLog
 from masc_jax.protocol import StageSpec
 
@@ -244,6 +244,18 @@ class Run:
           f"{meta['stage_step']}; the last good checkpoint is kept")
     self.checkpointer.save(self.offsets[meta["stage"]] + meta["stage_step"], state, meta)
 
+  def stop_if_preempted(self, sigterm: workdir_lib.SigtermFlag, state: dict, meta: dict) -> None:
+    """After SIGTERM: make sure a checkpoint holds this position, then exit 143."""
+    if not sigterm.raised:
+      return
+    self.checkpointer.wait()
+    if self.offsets[meta["stage"]] + meta["stage_step"] not in self.checkpointer.all_steps():
+      self.save(state, meta)
+      self.checkpointer.wait()
+    self.log(f"SIGTERM: saved a checkpoint at stage {meta['stage']}, step {meta['stage_step']}; "
+             "exiting")
+    raise Preempted(143)
+
   # -- one stage
 
   def train_stage(self, spec: StageSpec, state: dict, meta: dict,
@@ -254,6 +266,9 @@ class Run:
     t0 = time.perf_counter()
     compiled, frozen, get_batch = compile_stage(society, spec, state, start, stage_key)
     compile_s = time.perf_counter() - t0
+    faults.reach("compiled", name)
+    # A SIGTERM during the compile: stop before training (this position is saved).
+    self.stop_if_preempted(sigterm, state, {**meta, "stage": name, "stage_step": start})
     self.log(f"[{name}] {total} steps ({config.batch_size} per batch, "
              f"{society.images_per_step(spec)} images per step); compiled in {compile_s:.1f}s"
              + (f"; resuming at step {start}" if start else ""))
@@ -270,16 +285,15 @@ class Run:
                                       jax.random.fold_in(stage_key, step), frozen)
       step_log.add(step, metrics)
       done = step + 1
+      faults.reach("step", name)
       if step_log.is_due(done):
         step_log.flush(done)
       if sigterm.raised or (done % config.checkpoint_every_steps == 0 and done < total):
         step_log.flush(done)
         state = {**state, name: model_state}
-        self.save(state, {**meta, "stage": name, "stage_step": done})
-        if sigterm.raised:
-          self.checkpointer.wait()
-          self.log(f"SIGTERM: saved a checkpoint at stage {name}, step {done}; exiting")
-          raise Preempted(143)
+        position = {**meta, "stage": name, "stage_step": done}
+        self.save(state, position)
+        self.stop_if_preempted(sigterm, state, position)
     jax.block_until_ready(model_state)
     train_s = time.perf_counter() - t_start
     meta["timings"][name] = {
@@ -299,6 +313,7 @@ class Run:
         society, trained, variables, images, normalize))
     predictions = evaluation.predict_all(predict, variables, society.test_images,
                                          len(ds.test_labels), self.config.eval_batch_size)
+    faults.reach("evaluated", upto)
     return evaluation.results_from_predictions(
         predictions, ds.test_labels, society.class_groups.groups,
         rows=[row for spec in trained for row in spec.rows],
@@ -325,24 +340,35 @@ class Run:
   # -- the whole run
 
   def run(self) -> dict:
+    faults.install_commit_hook()
     state, meta = self.restore_or_init()
     if meta["stage"] == DONE:
+      # Finished before; a kill after the last checkpoint may have cut the reports short.
       self.log("this run is finished; its results:")
-      self.log(reporting.results_markdown(meta["results"]))
+      self.report(meta["results"], only_missing=True)
       return meta["results"]
     with workdir_lib.SigtermFlag() as sigterm:
       for spec in self.specs[self.names.index(meta["stage"]):]:
         state = self.train_stage(spec, state, meta, sigterm)
         meta = self.finish_stage(spec, state, meta)
         self.save(state, meta)
+        faults.reach("stage_saved", spec.name)
+        self.stop_if_preempted(sigterm, state, meta)
     self.checkpointer.wait()
+    faults.reach("finished", self.names[-1])
     self.state = state
-    results = meta["results"]
+    self.report(meta["results"])
+    return meta["results"]
+
+  def report(self, results: dict, only_missing: bool = False) -> None:
+    """results.json, results.md, report.png (process 0), and the table on the console."""
     if self.is_writer:
-      reporting.write_results(self.workdir, results)
-      plots.plot_report(results, os.path.join(self.workdir, "report.png"))
+      paths = [os.path.join(self.workdir, name)
+               for name in ("results.json", "results.md", "report.png")]
+      if not (only_missing and all(map(os.path.exists, paths))):
+        reporting.write_results(self.workdir, results)
+        plots.plot_report(results, paths[-1])
     self.log(reporting.results_markdown(results))
-    return results
 
   def close(self) -> None:
     self.checkpointer.close()

@@ -61,8 +61,19 @@ def main():
   if mode == "steps":
     out = {"one": stage_steps(1), "four": stage_steps(4)}
   elif mode == "e2e":
-    config = config_lib.load_config("tiny", TINY_K2 + NO_ABLATIONS + [f"num_devices={sys.argv[3]}"])
-    out = train.train_and_evaluate(config, workdir, log=lambda _: None)
+    extra = sys.argv[4:]       # e.g. agent_map=unroll: fields a resumed run may change
+    config = config_lib.load_config("tiny", TINY_K2 + NO_ABLATIONS +
+                                    [f"num_devices={sys.argv[3]}", *extra])
+    lines = []
+    out = train.train_and_evaluate(config, workdir, log=lines.append)
+    out["log"] = lines
+    # The experts as the run ended (restored from its last checkpoint): a resumed run must
+    # not have retrained them.
+    run = train.Run(train.build_society(config), workdir, log=lambda _: None)
+    state, _ = run.restore_or_init()
+    run.close()
+    out["experts_checksum"] = float(sum(np.abs(np.asarray(x, np.float64)).sum()
+                                        for x in jax.tree.leaves(state["experts"].params)))
   elif mode == "partial":
     # The experts stage only, on 4 devices, then a checkpoint as at a stage end.
     society = society_on(4, NO_ABLATIONS)
@@ -74,7 +85,10 @@ def main():
     run.close()
     workdir_lib.atomic_write_json(os.path.join(workdir, "config.json"),
                              json.loads(society.config.to_json()))
-    out = {"saved_on": len(jax.devices()), "mesh": dict(society.mesh.shape)}
+    out = {"saved_on": len(jax.devices()), "mesh": dict(society.mesh.shape),
+           "global_step": run.offsets["collective"],
+           "experts_checksum": float(sum(np.abs(np.asarray(x, np.float64)).sum()
+                                         for x in jax.tree.leaves(state["experts"].params)))}
   else:
     raise SystemExit(f"unknown mode {mode}")
   print(json.dumps(out))
