@@ -10,7 +10,8 @@ lives in `masc_jax.batches`.
 Datasets:
   * `digits`   scikit-learn's bundled 8x8 digits (offline stand-in, 10 classes).
   * `cifar10`, `cifar100`  read from a TFDS data directory prepared as
-    array_record, via `tfds.data_source` (random access, no TensorFlow).
+    array_record, via `tfds.data_source` (random access, no TensorFlow):
+    `masc_jax.tfds_source`.
 
 Importing this module imports only NumPy: scikit-learn and
 tensorflow_datasets are imported when a dataset is loaded, so configuration
@@ -21,9 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 
 
@@ -89,28 +87,8 @@ DATASETS: dict[str, DatasetInfo] = {
 _DIGITS_NUM_TEST = 500
 _DIGITS_SPLIT_SEED = 0
 
-# Records per `__getitems__` call when reading a TFDS split: large enough that
-# per-call overhead vanishes, small enough that the decoded dicts stay small.
-_READ_CHUNK = 4096
-
-
 class DatasetNotPreparedError(RuntimeError):
     """A TFDS dataset is not available (as array_record) in the data directory."""
-
-
-def _not_prepared_message(name: str, data_dir: str, detail: str) -> str:
-    """Builds the user-facing explanation of a missing / unreadable TFDS dataset."""
-    return (
-        f"Dataset {name!r} is not prepared (as TFDS array_record files) in the TFDS "
-        f"data directory {data_dir!r}.\n"
-        f"  The directory comes from the data_dir argument, else the TFDS_DATA_DIR "
-        f"environment variable, else ~/tensorflow_datasets.\n"
-        f"  To fix: prepare it once on a machine with network access with\n"
-        f"      bash launch/prepare_data.sh {name}\n"
-        f"  and point TFDS_DATA_DIR (or data_dir) at the directory it wrote.\n"
-        f"  For an offline run, use the bundled dataset instead: --config=digits\n"
-        f"  (details: {detail})"
-    )
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> str:
@@ -137,7 +115,7 @@ def _info(name: str) -> DatasetInfo:
         ) from None
 
 
-def _check_split(
+def check_split(
     info: DatasetInfo,
     split: str,
     images: np.ndarray,
@@ -259,7 +237,9 @@ def load_dataset(
     info = _info(name)
     if info.source == "sklearn":
         return _load_digits(info)
-    return _load_tfds(info, _resolve_data_dir(data_dir))
+    from masc_jax import tfds_source  # local: only the CIFAR path needs it
+
+    return tfds_source.load(info, _resolve_data_dir(data_dir))
 
 
 def check_dataset_available(
@@ -273,7 +253,9 @@ def check_dataset_available(
     info = _info(name)
     if info.source == "sklearn":
         return
-    _open_tfds_splits(name, _resolve_data_dir(data_dir))
+    from masc_jax import tfds_source
+
+    tfds_source.open_splits(name, _resolve_data_dir(data_dir))
 
 
 # ----------------------------------------------------------------------------
@@ -314,7 +296,7 @@ def _load_digits(info: DatasetInfo) -> ArrayDataset:
     # CIFAR images so the same normalisation / augmentation code applies.
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = bunch.target.astype(np.int32)
-    _check_split(
+    check_split(
         info, "all", images, labels, RuntimeError,
         "The installed scikit-learn's digits differ from what MASC expects.",
     )
@@ -330,113 +312,4 @@ def _load_digits(info: DatasetInfo) -> ArrayDataset:
         num_classes=info.num_classes,
         mean=scaled.mean(axis=(0, 1, 2)).astype(np.float32),
         std=scaled.std(axis=(0, 1, 2)).astype(np.float32),
-    )
-
-
-# ----------------------------------------------------------------------------
-# CIFAR via TFDS (array_record, random access, no TensorFlow)
-
-
-def _open_tfds_splits(name: str, data_dir: str) -> tuple[Any, Any]:
-    """Opens the train and test data sources of a prepared TFDS dataset.
-
-    Opening reads only the array_record indices, not the records.
-    """
-    import tensorflow_datasets as tfds  # local: only the CIFAR path needs it
-
-    try:
-        train, test = tfds.data_source(
-            name, split=["train", "test"], data_dir=data_dir, download=False
-        )
-        sizes = (len(train), len(test))
-        # The record files are opened lazily (sizes come from the metadata):
-        # read the first and last record of each split to prove they exist.
-        for source, size in ((train, sizes[0]), (test, sizes[1])):
-            if size:
-                _ = (source[0], source[size - 1])
-    except Exception as err:  # noqa: BLE001
-        # TFDS signals "not prepared here" with many exception types
-        # (NotImplementedError for a missing/TFRecord-only directory,
-        # ValueError / KeyError for missing splits, FileNotFoundError, ...).
-        # The name is known to be valid, so any failure here is about the data
-        # on disk: translate it into one actionable error, without a deep TFDS
-        # traceback.
-        tfds_words = f"{type(err).__name__}: {str(err).strip()}"
-        try:
-            prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
-        except Exception:  # noqa: BLE001 - diagnosis only; the error below stands
-            prepared = True  # unknown: show TFDS's own words
-        if prepared:
-            # A copy exists but cannot be opened for random access, e.g. it
-            # was prepared as TFRecord: TFDS's words say which.
-            detail = f"a copy exists but cannot be opened: {tfds_words}"
-        else:
-            # TFDS's words for an empty directory talk about TFRecord files
-            # that are not there; say plainly what is missing.
-            detail = f"no prepared copy under {os.path.join(data_dir, name)}"
-        raise DatasetNotPreparedError(
-            _not_prepared_message(name, data_dir, detail)
-        ) from None
-    if min(sizes) == 0:
-        raise DatasetNotPreparedError(
-            _not_prepared_message(
-                name, data_dir, f"empty split (train={sizes[0]}, test={sizes[1]} records)"
-            )
-        )
-    return train, test
-
-
-def _read_split(
-    source: Sequence[dict[str, Any]], info: DatasetInfo, split: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reads every record of a TFDS data source into ([N, H, W, C] uint8, [N] int32).
-
-    Records are fetched in chunks with the batched `__getitems__` (one
-    array_record read per chunk instead of one per record) and written into
-    preallocated arrays. The result is checked against the dataset table
-    (image shape, label range).
-    """
-    name = info.name
-    fix = (
-        "The prepared files look corrupt or belong to another dataset. Re-run "
-        f"`bash launch/prepare_data.sh {name}`."
-    )
-    n = len(source)
-    first = np.asarray(source[0]["image"])
-    # Check the shape before reading everything (a wrong dataset fails fast).
-    _check_split(info, split, first[None], np.zeros(0, np.int32), DatasetNotPreparedError, fix)
-    images = np.empty((n, *first.shape), dtype=np.uint8)
-    labels = np.empty((n,), dtype=np.int32)
-    try:
-        for start in range(0, n, _READ_CHUNK):
-            keys = list(range(start, min(n, start + _READ_CHUNK)))
-            for offset, record in enumerate(source.__getitems__(keys)):
-                images[start + offset] = record["image"]
-                labels[start + offset] = record["label"]
-    except (OSError, RuntimeError, ValueError) as err:
-        # array_record reports missing / truncated shards as RuntimeError.
-        raise DatasetNotPreparedError(
-            f"Reading the {name} {split} split failed ({type(err).__name__}: {err}); "
-            f"the prepared files look incomplete or corrupt. Re-run "
-            f"`bash launch/prepare_data.sh {name}` (or use --config=digits offline)."
-        ) from err
-    _check_split(info, split, images, labels, DatasetNotPreparedError, fix)
-    return images, labels
-
-
-def _load_tfds(info: DatasetInfo, data_dir: str) -> ArrayDataset:
-    """Loads cifar10 / cifar100 from a TFDS array_record directory."""
-    train_source, test_source = _open_tfds_splits(info.name, data_dir)
-    train_images, train_labels = _read_split(train_source, info, "train")
-    test_images, test_labels = _read_split(test_source, info, "test")
-    assert info.mean is not None and info.std is not None, info
-    return ArrayDataset(
-        name=info.name,
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        num_classes=info.num_classes,
-        mean=np.asarray(info.mean, dtype=np.float32),
-        std=np.asarray(info.std, dtype=np.float32),
     )

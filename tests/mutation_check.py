@@ -58,8 +58,8 @@ MUTANTS = (
            "done % (2 * config.checkpoint_every_steps) == 0",
            (G + "test_checkpoints_every_interval_bound_the_progress_a_kill_loses",)),
     Mutant("step-key-from-wrong-step", "data order and step keys are functions of (seed, stage, step)",
-           "masc_jax/train.py", "jax.random.fold_in(stage_key, step), frozen)",
-           "jax.random.fold_in(stage_key, step - start), frozen)",
+           "masc_jax/train.py", "get_batch(step),\n                                      jax.random.fold_in(stage_key, step), frozen)",
+           "get_batch(step),\n                                      jax.random.fold_in(stage_key, step - start), frozen)",
            (G + "test_killed_during_a_save_mid_stage_and_between_stages_resumes_exactly",)),
     # -- SIGTERM
     Mutant("sigterm-no-save", "SIGTERM saves a checkpoint of the current position",
