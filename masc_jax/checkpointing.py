@@ -17,13 +17,14 @@ deleted file): ``restore_latest_good`` then reports it, moves it aside to
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from masc_jax import multihost, paths
 
 PyTree = Any
 
@@ -34,6 +35,18 @@ class NoGoodCheckpointError(RuntimeError):
 
 class CheckpointMismatchError(ValueError):
   """A readable checkpoint of other models (another config): not damaged, not usable."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (full or read-only filesystem, lost bucket access)."""
+
+
+def _write_error(directory: str, error: Exception) -> CheckpointWriteError:
+  text = " ".join(str(error).split())
+  reason = ("no space left on device" if "No space left on device" in text
+            else f"{type(error).__name__}: {text[:300]}")
+  return CheckpointWriteError(f"could not write a checkpoint to {directory}: {reason}; "
+                              "the last complete checkpoint is kept")
 
 
 def _key_name(entry: Any) -> str:
@@ -65,7 +78,7 @@ class Checkpointer:
   """Saves and restores ``(state, meta)`` in ``directory`` through Orbax."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -78,13 +91,23 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: PyTree, meta: dict) -> None:
-    """Start saving (asynchronously); the previous save is finished first."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    """Start saving (asynchronously); the previous save is finished first.
+
+    Raises:
+      CheckpointWriteError: this save, or the previous one, could not be written.
+    """
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    except (OSError, ValueError, RuntimeError) as e:
+      raise _write_error(self.directory, e) from e
 
   def wait(self) -> None:
-    """Block until the last save is on disk."""
-    self._manager.wait_until_finished()
+    """Block until the last save is on disk (``CheckpointWriteError`` if it failed)."""
+    try:
+      self._manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+      raise _write_error(self.directory, e) from e
 
   def restore(self, step: int, abstract_state: PyTree,
               shardings: PyTree | None = None) -> tuple[PyTree, dict]:
@@ -145,20 +168,23 @@ class Checkpointer:
         + "\nRefusing to start over on top of them: remove the workdir or pass a new --workdir.")
 
   def _set_aside(self, step: int) -> None:
-    if jax.process_index() == 0:
-      source = os.path.join(self.directory, str(step))
-      bad_dir = os.path.join(self.directory, "bad")
-      os.makedirs(bad_dir, exist_ok=True)
-      target = os.path.join(bad_dir, str(step))
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      if os.path.exists(source):
-        shutil.move(source, target)
+    if multihost.is_primary():
+      source = epath.Path(self.directory) / str(step)
+      target = epath.Path(self.directory) / "bad" / str(step)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target.rmtree()
+      if source.exists():
+        source.rename(target)
+    # Every process sees the step gone before any of them lists the steps again.
+    multihost.sync(f"checkpoint_{step}_set_aside")
     self._manager.reload()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def abstract_like(tree: PyTree) -> PyTree:

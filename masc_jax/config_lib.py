@@ -93,7 +93,11 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     config = flag_values.config
   except KeyError as e:
     raise ConfigError(f"bad config override: no such field {_one_line(e)}") from None
-  except (flags.Error, AttributeError, TypeError, ValueError) as e:
+  except AttributeError as e:
+    if isinstance(e.__context__, KeyError):        # ml_collections' "no such field" lookup
+      raise ConfigError(f"bad config override: no such field {_one_line(e.__context__)}") from None
+    raise ConfigError(f"bad config override: {_one_line(e)}") from None
+  except (flags.Error, TypeError, ValueError) as e:
     if "Error whilst parsing config file" in str(e.__context__ or e):
       # get_config(ARG) raised while the flag was parsed: report its own error.
       innermost = e
@@ -104,6 +108,13 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config {spec!r} did not load: {config}")
   return config
+
+
+def _problems(heading: str, errors: Sequence[str]) -> str:
+  """One line for one problem; a heading and one line per problem for several."""
+  if len(errors) == 1:
+    return f"{heading}: {errors[0]}"
+  return f"{heading}:\n  - " + "\n  - ".join(errors)
 
 
 def _is_int(x: Any) -> bool:
@@ -211,19 +222,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   positive_int("keep_checkpoints", config.keep_checkpoints)
   need(_is_int(config.debug_nan_step) and config.debug_nan_step >= -1,
        f"debug_nan_step must be -1 (off) or a step >= 0, got {config.debug_nan_step!r}")
+  need(isinstance(config.data_dir, str), f"data_dir must be a path, got {config.data_dir!r}")
+  if isinstance(config.data_dir, str) and config.data_dir and "://" not in config.data_dir:
+    need(not os.path.exists(config.data_dir) or os.path.isdir(config.data_dir),
+         f"data_dir={config.data_dir} is not a directory")
   if errors:
-    raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    raise ConfigError(_problems("invalid config", errors))
 
 
 def check_against_data(config: ml_collections.ConfigDict, agent_train_sizes: Sequence[int],
                        pooled_train_size: int) -> None:
   """Data-dependent checks: every agent must fill at least one batch."""
   errors = []
-  for k, n in enumerate(agent_train_sizes):
-    if n < config.batch_size:
-      errors.append(f"agent {k} has {n} training images, fewer than batch_size={config.batch_size}: "
-                    f"use --config.batch_size={min(agent_train_sizes)} or smaller")
+  short = [(k, n) for k, n in enumerate(agent_train_sizes) if n < config.batch_size]
+  if short:
+    who = ", ".join(f"agent {k} has {n}" for k, n in short[:3]) + (
+        f" (and {len(short) - 3} more agents)" if len(short) > 3 else "")
+    errors.append(f"{who} training images, fewer than batch_size={config.batch_size}: "
+                  f"use --config.batch_size={min(agent_train_sizes)} or smaller")
   if pooled_train_size < config.batch_size:
     errors.append(f"the pooled data has {pooled_train_size} images, fewer than batch_size={config.batch_size}")
   if errors:
-    raise ConfigError("invalid config for this data:\n  - " + "\n  - ".join(errors))
+    raise ConfigError(_problems("invalid config for this data", errors))

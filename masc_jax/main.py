@@ -20,7 +20,7 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
-from masc_jax import config_lib
+from masc_jax import config_lib, multihost
 
 flags.DEFINE_string(
     "config", None,
@@ -32,7 +32,20 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume a workdir even though its saved config differs in result-changing fields.")
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first (multi-host TPU slices).")
+    "multihost", False,
+    "Join a multi-process run whose processes JAX detects (Cloud TPU slices, SLURM, Open MPI).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT of process 0, for a multi-process run started by hand (GPU cluster, N local "
+    "processes); default $JAX_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run, with --coordinator_address; default "
+    "$JAX_NUM_PROCESSES.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0..num_processes-1; default $JAX_PROCESS_ID.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100,
+    "Multi-process runs: a process silent this long is taken as lost and every process stops.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +54,12 @@ class Job:
   config_spec: str
   config: ml_collections.ConfigDict
   workdir: str
+  processes: multihost.ProcessSpec = multihost.ProcessSpec()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def _config_args(argv: list[str]) -> tuple[str, list[str], list[str]]:
@@ -81,15 +95,22 @@ def parse_flags(argv: list[str]) -> Job:
     _fail(str(e))
   if len(positional) > 1:
     _fail(f"unexpected arguments: {' '.join(positional[1:])}")
+  if _WORKDIR.value is not None and not _WORKDIR.value.strip():
+    _fail("--workdir is empty: give a folder, or leave it out for runs/<config name>")
   workdir = _WORKDIR.value or os.path.join("runs", config_lib.config_name(spec))
-  return Job(config_spec=spec, config=config, workdir=workdir)
+  try:
+    processes = multihost.process_spec(
+        auto=_MULTIHOST.value, coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        heartbeat_timeout_s=_HEARTBEAT.value)
+  except multihost.ProcessSpecError as e:
+    _fail(str(e))
+  return Job(config_spec=spec, config=config, workdir=workdir, processes=processes)
 
 
 def main(job: Job) -> None:
   logging.set_verbosity(logging.WARNING)
-  if _MULTIHOST.value:
-    import jax
-    jax.distributed.initialize()
+  multihost.initialize(job.processes)
   # Imported here so that a bad flag fails fast, before TFDS and the training code load.
   from masc_jax import checkpointing, data, sharding, step_log, train, workdir
 
@@ -97,9 +118,21 @@ def main(job: Job) -> None:
     train.train_and_evaluate(job.config, job.workdir,
                              allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except (config_lib.ConfigError, data.DatasetNotPreparedError, workdir.WorkdirError,
-          checkpointing.NoGoodCheckpointError, step_log.NonFiniteLossError,
-          sharding.MeshError) as e:
+          checkpointing.NoGoodCheckpointError, checkpointing.CheckpointWriteError,
+          step_log.NonFiniteLossError, sharding.MeshError) as e:
     _fail(str(e))
+  except OSError as e:
+    # The workdir's filesystem refused a write (read-only, full, gone).
+    _fail(f"cannot write {e.filename or job.workdir}: {e.strerror or e}")
+  except Exception as e:  # noqa: BLE001 - a lost peer is one line; anything else a traceback
+    lost = multihost.describe_lost_peer(e)
+    if lost is None:
+      raise
+    print(f"error: {lost}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Skip the exit-time shutdown barrier of jax.distributed: the lost peer never
+    # reaches it, and waiting would only end in an abort.
+    os._exit(1)
 
 
 if __name__ == "__main__":

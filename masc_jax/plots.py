@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
+from masc_jax import paths
 from masc_jax.reporting import (
-    _atomic_write_bytes,
     _ordered_rows,
     _pct,
     _row_title,
@@ -140,4 +140,4 @@ def plot_report(results: dict, path: str) -> None:
                 sys.modules["matplotlib.pyplot"].close(fig)
         except Exception:
             pass
-    _atomic_write_bytes(path, buf.getvalue())
+    paths.write_atomic(path, buf.getvalue())

@@ -19,9 +19,12 @@ import json
 import math
 import numbers
 import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
+
+from masc_jax import paths
 
 __all__ = [
     "MetricsLogger",
@@ -165,19 +168,29 @@ class MetricsLogger:
 
     ``enabled=False`` (multi-host processes other than 0): nothing is opened or written.
     numpy / jax scalars are converted (integers stay integers, others via float());
-    non-finite values are written as null so every line is strict JSON. Each line is
-    flushed as written. Usable as a context manager.
+    non-finite values are written as null so every line is strict JSON. Local files:
+    each line is appended and flushed as written. Object stores (``gs://``) cannot
+    append: the file is read once, lines are added in memory, and the whole object
+    is uploaded again at most every ``upload_every_s`` seconds and on ``close``.
+    Usable as a context manager.
     """
 
-    def __init__(self, path: str, enabled: bool = True):
+    def __init__(self, path: str, enabled: bool = True, upload_every_s: float = 30.0):
         self.path = path
         self.enabled = bool(enabled)
         self._f = None
         self._closed = False
-        if self.enabled:
+        self._remote_lines: list[str] | None = None
+        self._upload_every_s, self._uploaded_at, self._dirty = upload_every_s, 0.0, False
+        if not self.enabled:
+            return
+        if paths.is_local(path):
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
             self._f = open(path, "a", encoding="utf-8")
+        else:
+            old = paths.read_text(path) if paths.exists(path) else ""
+            self._remote_lines = old.splitlines(keepends=True)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -185,10 +198,22 @@ class MetricsLogger:
         if self._closed:
             raise ValueError(f"MetricsLogger({self.path!r}) is closed")
         line = json.dumps({str(k): to_jsonable(v) for k, v in record.items()}, allow_nan=False)
-        self._f.write(line + "\n")
-        self._f.flush()
+        if self._f is not None:
+            self._f.write(line + "\n")
+            self._f.flush()
+            return
+        self._remote_lines.append(line + "\n")
+        self._dirty = True
+        if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+            self._upload()
+
+    def _upload(self) -> None:
+        paths.write_atomic(self.path, "".join(self._remote_lines))
+        self._uploaded_at, self._dirty = time.monotonic(), False
 
     def close(self) -> None:
+        if self._dirty:
+            self._upload()
         if self._f is not None:
             self._f.close()
             self._f = None

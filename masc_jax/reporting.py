@@ -43,12 +43,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from masc_jax import paths
 from masc_jax.progress import format_duration, to_jsonable
 
 __all__ = [
@@ -341,32 +340,9 @@ def results_markdown(results: dict) -> str:
 # Files
 # ----------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to a temp file in the target's directory, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_results(workdir: str, results: dict) -> None:
     """Writes workdir/results.json (indent 2, sorted keys) and workdir/results.md, atomically."""
     markdown = results_markdown(results)  # validates first: nothing is written on bad input
     payload = json.dumps(to_jsonable(results), indent=2, sort_keys=True, allow_nan=False)
-    _atomic_write_text(os.path.join(workdir, "results.json"), payload + "\n")
-    _atomic_write_text(os.path.join(workdir, "results.md"), markdown)
+    paths.write_atomic(paths.join(workdir, "results.json"), payload + "\n")
+    paths.write_atomic(paths.join(workdir, "results.md"), markdown)

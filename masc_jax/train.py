@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from masc_jax import (agents, augment, batches, checkpointing, config_lib, data, evaluation,
-                      models, plots, progress, protocol, reporting, routing, sharding, stages,
-                      workdir as workdir_lib, faults)
+                      faults, models, paths, plots, progress, protocol, reporting, routing,
+                      sharding, stages, workdir as workdir_lib)
 from masc_jax.step_log import NonFiniteLossError, StepLog
 from masc_jax.protocol import StageSpec
 
@@ -183,9 +182,14 @@ def compile_stage(society: Society, spec: StageSpec, state: dict[str, stages.Mod
   step_fn = spec.make_step(society, spec)
   shardings = state_shardings(society, {spec.name: state[spec.name]})[spec.name]
 
+  replicated = sharding.replicated(society.mesh)
+
   def constrained(model_state, batch, rng, frozen):
     new_state, metrics = step_fn(model_state, batch, rng, frozen)
-    return jax.lax.with_sharding_constraint(new_state, shardings), metrics
+    # Metrics replicated: a few numbers, and every process of a multi-process run
+    # must be able to read them for the log and the NaN check.
+    return (jax.lax.with_sharding_constraint(new_state, shardings),
+            jax.lax.with_sharding_constraint(metrics, replicated))
 
   frozen = spec.frozen(society, spec, state)
   jitted = jax.jit(constrained, donate_argnums=(0,))
@@ -216,9 +220,9 @@ class Run:
     self.names = tuple(spec.name for spec in self.specs)
     steps = np.cumsum([0] + [society.total_steps(spec) for spec in self.specs])
     self.offsets = dict(zip(self.names + (DONE,), map(int, steps)))   # global step of each start
-    self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+    self.checkpointer = checkpointing.Checkpointer(paths.join(workdir, "checkpoints"),
                                                    self.config.keep_checkpoints)
-    self.metrics_log = progress.MetricsLogger(os.path.join(workdir, "metrics.jsonl"),
+    self.metrics_log = progress.MetricsLogger(paths.join(workdir, "metrics.jsonl"),
                                               enabled=self.is_writer)
     self.init_key, self.train_key = jax.random.split(jax.random.key(self.config.seed))
     self._finite = jax.jit(_all_finite)
@@ -268,6 +272,7 @@ class Run:
     compile_s = time.perf_counter() - t0
     faults.reach("compiled", name)
     # A SIGTERM during the compile: stop before training (this position is saved).
+    sigterm.poll()
     self.stop_if_preempted(sigterm, state, {**meta, "stage": name, "stage_step": start})
     self.log(f"[{name}] {total} steps ({config.batch_size} per batch, "
              f"{society.images_per_step(spec)} images per step); compiled in {compile_s:.1f}s"
@@ -288,7 +293,7 @@ class Run:
       faults.reach("step", name)
       if step_log.is_due(done):
         step_log.flush(done)
-      if sigterm.raised or (done % config.checkpoint_every_steps == 0 and done < total):
+      if sigterm.poll() or (done % config.checkpoint_every_steps == 0 and done < total):
         step_log.flush(done)
         state = {**state, name: model_state}
         position = {**meta, "stage": name, "stage_step": done}
@@ -310,7 +315,8 @@ class Run:
     variables = {spec.variables_key: state[spec.name].variables() for spec in trained}
     normalize = functools.partial(augment.normalize, mean=ds.mean, std=ds.std)
     predict = jax.jit(lambda variables, images: protocol.predict_rows(
-        society, trained, variables, images, normalize))
+        society, trained, variables, images, normalize),
+                      out_shardings=sharding.replicated(society.mesh))   # read on every process
     predictions = evaluation.predict_all(predict, variables, society.test_images,
                                          len(ds.test_labels), self.config.eval_batch_size)
     faults.reach("evaluated", upto)
@@ -353,6 +359,7 @@ class Run:
         meta = self.finish_stage(spec, state, meta)
         self.save(state, meta)
         faults.reach("stage_saved", spec.name)
+        sigterm.poll()
         self.stop_if_preempted(sigterm, state, meta)
     self.checkpointer.wait()
     faults.reach("finished", self.names[-1])
@@ -363,11 +370,11 @@ class Run:
   def report(self, results: dict, only_missing: bool = False) -> None:
     """results.json, results.md, report.png (process 0), and the table on the console."""
     if self.is_writer:
-      paths = [os.path.join(self.workdir, name)
+      files = [paths.join(self.workdir, name)
                for name in ("results.json", "results.md", "report.png")]
-      if not (only_missing and all(map(os.path.exists, paths))):
+      if not (only_missing and all(map(paths.exists, files))):
         reporting.write_results(self.workdir, results)
-        plots.plot_report(results, paths[-1])
+        plots.plot_report(results, files[-1])
     self.log(reporting.results_markdown(results))
 
   def close(self) -> None:
@@ -397,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir_lib.check_workdir(config, workdir, allow_config_change)
   with workdir_lib.workdir_lock(workdir):
     if jax.process_index() == 0:
-      workdir_lib.atomic_write_json(os.path.join(workdir, "config.json"),
+      workdir_lib.atomic_write_json(paths.join(workdir, "config.json"),
                                     json.loads(config.to_json()))
     run = Run(society, workdir, log=log)
     try:

@@ -144,8 +144,8 @@ MUTANTS = (
            (G + "test_device_settings_that_cannot_hold_the_run_exit_2_writing_nothing",
             "tests/test_config.py::test_missing_cifar_data_says_how_to_prepare")),
     Mutant("validation-off", "every config field is checked before anything runs",
-           "masc_jax/config_lib.py", '    raise ConfigError("invalid config:\\n  - "',
-           '    return\n    raise ConfigError("invalid config:\\n  - "',
+           "masc_jax/config_lib.py", '    raise ConfigError(_problems("invalid config", errors))',
+           '    return',
            ("tests/test_config.py::test_validate_names_each_bad_field",)),
     # -- devices
     Mutant("visible-count-unchecked", "num_devices above the visible count is refused",

@@ -72,14 +72,14 @@ def test_validate_lists_every_problem_at_once():
 
 def test_batch_larger_than_an_agents_data():
   config = config_lib.load_config("digits", ["batch_size=300"])
-  with pytest.raises(config_lib.ConfigError, match="agent 0 has 259 training images, fewer than batch_size=300"):
+  with pytest.raises(config_lib.ConfigError, match="agent 0 has 259, agent 1 has 260 training images, fewer than batch_size=300: use --config.batch_size=259"):
     config_lib.check_against_data(config, [259, 260], 1297)
 
 
 @pytest.mark.parametrize("spec, overrides, message", [
     ("digits:foo", [], "config 'digits:foo' did not load: digits config takes no argument, got 'foo'"),
     ("cifar100:slow", [], "config 'cifar100:slow' did not load: the cifar100 config takes no argument"),
-    ("digits", ["batch_sizee=3"], 'bad config override: \'batch_sizee\' Did you mean "batch_size"'),
+    ("digits", ["batch_sizee=3"], 'bad config override: no such field \'batch_sizee\' Did you mean "batch_size"'),
     ("digits", ["batch_size=abc"], "bad config override: flag --config.batch_size=abc"),
 ])
 def test_load_errors_are_one_readable_line(spec, overrides, message):

@@ -5,7 +5,6 @@ compared with the uninterrupted in-process run of the ``tiny_run`` fixture:
 same seed, same device count (one CPU device), so results must be identical.
 """
 
-import fcntl
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from masc_jax import batches, checkpointing, config_lib, train
+from masc_jax import workdir as workdir_lib
 from conftest import REPO, run_main
 
 COMPARED = ("rows", "group_accuracy", "society_accuracy", "collective_accuracy", "directionality")
@@ -127,12 +127,14 @@ def test_an_unfinished_save_is_ignored(tiny_run, preempted_workdir, tmp_path):
   workdir = _copy(preempted_workdir[0], tmp_path)
   steps = _checkpoint_dirs(workdir)
   root = os.path.join(workdir, "checkpoints")
-  partial = os.path.join(root, f"{steps[-1] + 5}.orbax-checkpoint-tmp-1234")
+  # A step this run never saves again, so only the start-up clean-up can remove it.
+  partial = os.path.join(root, f"{steps[-1] + 10_000}.orbax-checkpoint-tmp-1234")
   shutil.copytree(os.path.join(root, str(steps[-1])), partial)
   os.remove(os.path.join(partial, "commit_success.txt"))
   result = run_main(["--config=tiny", f"--workdir={workdir}"])
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"resumed from checkpoint {steps[-1]}" in result.stdout
+  assert not os.path.exists(partial)          # cleaned up, not left to look like a step
   assert_same_results(workdir, tiny_run[1])
 
 
@@ -170,11 +172,13 @@ def test_resuming_with_a_different_config_is_refused(preempted_workdir, tmp_path
 
 def test_a_second_run_on_the_same_workdir_is_refused(preempted_workdir, tmp_path):
   workdir = _copy(preempted_workdir[0], tmp_path)
-  with open(os.path.join(workdir, ".lock"), "a+") as held:
-    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  # Held the way a live run holds it (the library's own lock), so a lock that two runs
+  # could share would let the second one through.
+  with workdir_lib.workdir_lock(workdir):
     result = run_main(["--config=tiny", f"--workdir={workdir}"])
   assert result.returncode == 2
   assert "another run is writing" in result.stderr
+  assert "Traceback" not in result.stderr
 
 
 def test_a_nan_stops_the_run_naming_stage_step_and_term(tmp_path):

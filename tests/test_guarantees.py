@@ -115,7 +115,7 @@ def test_checkpoints_every_interval_bound_the_progress_a_kill_loses(tmp_path):
   run.checkpointer.save = lambda step, state, meta: saved.append((step, meta["stage"], meta["stage_step"]))
   state, meta = run.restore_or_init()
   spec = protocol.BY_NAME["experts"]
-  run.train_stage(spec, state, meta, types.SimpleNamespace(raised=False))
+  run.train_stage(spec, state, meta, types.SimpleNamespace(raised=False, poll=lambda: False))
   run.close()
   total = society.total_steps(spec)
   assert saved == [(s, "experts", s) for s in range(4, total, 4)]

@@ -1,0 +1,185 @@
+"""Several processes, one run: JAX's multi-controller runtime with gloo collectives, on this machine.
+
+Two local processes with two CPU devices each are what two hosts of a slice
+run (``masc_jax.launch_local``); one process with four devices is the same mesh
+in one process. Every run is the tiny config without the ablations, through
+``python -m masc_jax.main``; all runs share one persistent compilation cache,
+so each program compiles once for the module.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+MAIN_ARGS = ["--config=tiny", "--config.ablations=False", "--config.batch_size=32"]
+COMPARED = ("rows", "group_accuracy", "society_accuracy", "collective_accuracy", "directionality")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp("xla_cache"))
+  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu"}
+
+
+def two_processes(env, workdir, *extra, fault=None, wait=True):
+  """``launch_local`` with 2 processes x 2 devices; returns the finished (or running) Popen."""
+  cmd = [sys.executable, "-m", "masc_jax.launch_local", "--num_processes=2",
+         "--devices_per_process=2", "--heartbeat_timeout_s=10", "--grace_s=30", "--",
+         *MAIN_ARGS, f"--workdir={workdir}", *extra]
+  proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **({"MASC_FAULT": fault} if fault else {})},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  if wait:
+    proc.output = proc.communicate(timeout=600)[0]
+  return proc
+
+
+def one_process(env, workdir, *extra, fault=None):
+  """``python -m masc_jax.main`` in one process with 4 CPU devices."""
+  return subprocess.run([sys.executable, "-m", "masc_jax.main", *MAIN_ARGS,
+                         f"--workdir={workdir}", *extra], cwd=REPO, capture_output=True,
+                        text=True, timeout=600,
+                        env={**env, "JAX_NUM_CPU_DEVICES": "4",
+                             **({"MASC_FAULT": fault} if fault else {})})
+
+
+def results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def assert_same_results(a, b):
+  for key in COMPARED:
+    assert a[key] == b[key], key
+
+
+def process_lines(output, index):
+  """Lines of process ``index`` in launch_local's output (process 0's are unprefixed)."""
+  prefix = f"[process {index}] "
+  if index:
+    return [l[len(prefix):] for l in output.splitlines() if l.startswith(prefix)]
+  return [l for l in output.splitlines() if not l.startswith("[process ")]
+
+
+def steps_of(workdir):
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(root) if n.isdigit())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env, tmp_path_factory):
+  """The same run on 2 processes x 2 devices and on 1 process x 4 devices."""
+  two = str(tmp_path_factory.mktemp("two"))
+  proc = two_processes(env, two)
+  assert proc.returncode == 0, proc.output[-3000:]
+  one = str(tmp_path_factory.mktemp("one"))
+  single = one_process(env, one)
+  assert single.returncode == 0, single.stderr[-3000:]
+  return two, proc.output, one, single.stdout
+
+
+def test_two_processes_give_the_one_process_results_and_only_process_0_writes(uninterrupted):
+  two, output, one, _ = uninterrupted
+  assert_same_results(results(two), results(one))
+  # Process 1 trains silently: no progress line, no table, only runtime chatter.
+  assert not [l for l in process_lines(output, 1) if l.startswith(("[experts]", "[collective]",
+                                                                     "[altruism]", "|", "error"))]
+  assert any(l.startswith("[altruism] done:") for l in process_lines(output, 0))
+  # One writer: every record of metrics.jsonl once, as in the one-process run.
+  with open(os.path.join(two, "metrics.jsonl")) as f, open(os.path.join(one, "metrics.jsonl")) as g:
+    two_records = [json.loads(l) for l in f]
+    one_records = [json.loads(l) for l in g]
+  key = lambda r: (r["stage"], r.get("step", -1), "eval" in r)
+  assert sorted(map(key, two_records)) == sorted(map(key, one_records))
+  assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+
+
+def test_sigterm_to_every_process_saves_exits_143_and_one_process_resumes(env, uninterrupted,
+                                                                          tmp_path):
+  workdir = str(tmp_path / "run")
+  stopped = two_processes(env, workdir, fault="TERM:stage_saved:experts:1")
+  assert stopped.returncode == 143, stopped.output[-3000:]
+  assert "SIGTERM: saved a checkpoint at stage collective, step 0; exiting" in stopped.output
+  boundary = max(steps_of(workdir))
+  # A changed result field is refused by every process before anything runs.
+  refused = two_processes(env, workdir, "--config.loss.kd_weight=2.0")
+  assert refused.returncode == 2
+  for index in (0, 1):
+    assert any("holds a run with a different config" in l
+               for l in process_lines(refused.output, index)), index
+  # The checkpoint written by two processes resumes in one.
+  resumed = one_process(env, workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from checkpoint {boundary}: stage collective, step 0" in resumed.stdout
+  assert "[experts]" not in resumed.stdout
+  assert_same_results(results(workdir), results(uninterrupted[2]))
+
+
+def test_a_one_process_checkpoint_resumes_on_two_processes(env, uninterrupted, tmp_path):
+  workdir = str(tmp_path / "run")
+  stopped = one_process(env, workdir, fault="TERM:stage_saved:collective:1")
+  assert stopped.returncode == 143, stopped.stderr[-3000:]
+  boundary = max(steps_of(workdir))
+  resumed = two_processes(env, workdir)
+  assert resumed.returncode == 0, resumed.output[-3000:]
+  lines = process_lines(resumed.output, 0)
+  assert f"resumed from checkpoint {boundary}: stage altruism, step 0" in lines
+  assert not any(l.startswith(("[experts]", "[collective]")) for l in lines)
+  assert_same_results(results(workdir), results(uninterrupted[0]))
+
+
+def test_a_killed_process_stops_its_peer_and_both_resume_to_identical_results(env, uninterrupted,
+                                                                             tmp_path):
+  """SIGKILL of process 1 mid-stage: process 0 stops at once naming it; a restart resumes."""
+  sys.path.insert(0, REPO)
+  from masc_jax import launch_local
+
+  workdir = str(tmp_path / "run")
+  plan = launch_local.commands([*MAIN_ARGS, f"--workdir={workdir}"], 2, 2,
+                               launch_local.free_port(), heartbeat_timeout_s=10)
+  procs = []
+  for index, (extra, cmd) in enumerate(plan):
+    fault = {"MASC_FAULT": "KILL:step:collective:12"} if index == 1 else {}
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env={**env, **extra, **fault},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  _, err1 = procs[1].communicate(timeout=600)
+  killed_at = time.monotonic()
+  assert procs[1].returncode == -signal.SIGKILL, err1[-3000:]
+  _, err0 = procs[0].communicate(timeout=120)
+  waited = time.monotonic() - killed_at
+  # Bounded: at once when a collective finds the connection closed (masc_jax's line), else
+  # when the coordination service misses process 1's heartbeats for 10 s (JAX's message).
+  assert procs[0].returncode != 0 and waited < 10 + 20, (procs[0].returncode, waited)
+  ours = "error: process 0 of 2 lost process 1 of this run" in err0
+  jax_heartbeat = "stopped sending heartbeats):\n1\n" in err0 or "Task 1 heartbeat timeout" in err0
+  assert ours or jax_heartbeat, err0[-3000:]
+  restarted = two_processes(env, workdir)
+  assert restarted.returncode == 0, restarted.output[-3000:]
+  assert "resumed from checkpoint" in restarted.output
+  assert_same_results(results(workdir), results(uninterrupted[0]))
+
+
+def test_a_second_run_is_refused_by_every_one_of_its_processes(env, tmp_path):
+  workdir = str(tmp_path / "run")
+  first = two_processes(env, workdir, "--config.epochs.collective=20", wait=False)
+  try:
+    for line in first.stdout:                 # the first run holds the lock once it trains
+      if line.startswith("[experts] step"):
+        break
+    second = two_processes(env, workdir, "--config.epochs.collective=20")
+    assert second.returncode == 2, second.output[-3000:]
+    for index in (0, 1):
+      assert [l for l in process_lines(second.output, index)
+              if l.startswith("error: another run is writing")], (index, second.output[-2000:])
+    assert first.poll() is None               # the first run was not disturbed
+  finally:
+    first.send_signal(signal.SIGTERM)         # forwarded: both processes save and exit 143
+    first.communicate(timeout=300)
+  assert first.returncode == 143
