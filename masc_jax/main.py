@@ -20,7 +20,7 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
-from masc_jax import config_lib, multihost
+from masc_jax import compile_cache, config_lib, multihost
 
 flags.DEFINE_string(
     "config", None,
@@ -43,6 +43,10 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "$JAX_NUM_PROCESSES.")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index, 0..num_processes-1; default $JAX_PROCESS_ID.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "JAX's persistent compilation cache (none: off). Default $MASC_COMPILATION_CACHE_DIR, else "
+    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/masc_jax/xla-<cpu>.")
 _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_s", 100,
     "Multi-process runs: a process silent this long is taken as lost and every process stops.")
@@ -111,6 +115,7 @@ def parse_flags(argv: list[str]) -> Job:
 def main(job: Job) -> None:
   logging.set_verbosity(logging.WARNING)
   multihost.initialize(job.processes)
+  compile_cache.enable(_COMPILATION_CACHE.value)
   # Imported here so that a bad flag fails fast, before TFDS and the training code load.
   from masc_jax import checkpointing, data, sharding, step_log, train, workdir
 

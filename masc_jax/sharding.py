@@ -15,7 +15,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+P = PartitionSpec
 
 AGENTS = "agents"
 DATA = "data"
@@ -54,15 +56,43 @@ def make_mesh(num_agents: int, num_devices: int = 0, agent_axis_size: int = 0,
   return Mesh(grid, (AGENTS, DATA))
 
 
-def check_batch_fits(mesh: Mesh, batch_size: int) -> None:
-  """Batches are split over devices: the per-device share must be whole."""
-  data = mesh.shape[DATA]
-  total = mesh.size
-  if batch_size % data:
-    raise MeshError(f"batch_size={batch_size} must be divisible by the mesh's data axis ({data})")
-  if batch_size % total:
-    raise MeshError(f"batch_size={batch_size} must be divisible by the number of devices ({total}) "
-                    "for the collective's data-parallel batch")
+def batch_layout(mesh: Mesh, batch_size: int) -> dict[str, PartitionSpec]:
+  """How per-agent ``[K, B, ...]`` and pooled ``[B, ...]`` batches are split over ``mesh``.
+
+  The widest split whose shares are whole: per-agent batches along ``agents``
+  and, when B divides, along ``data``; the pooled batch over every device,
+  else over the axis it divides, else whole on every device. So any device
+  count runs (say K=5 and a batch of 32 on 5 devices: agents one per device,
+  the collective's batch whole on each); a batch that does not split only
+  repeats work, it never changes what is computed.
+  """
+  data, agents = mesh.shape[DATA], mesh.shape[AGENTS]
+  per_agent = P(AGENTS, DATA) if batch_size % data == 0 else P(AGENTS)
+  if batch_size % mesh.size == 0:
+    pooled = P((AGENTS, DATA))
+  elif data > 1 and batch_size % data == 0:
+    pooled = P(DATA)
+  elif agents > 1 and batch_size % agents == 0:
+    pooled = P(AGENTS)
+  else:
+    pooled = P()
+  return {"per_agent": per_agent, "pooled": pooled}
+
+
+def describe_layout(mesh: Mesh, batch_size: int) -> list[str]:
+  """Lines for the log when a batch cannot be split over every device it could use."""
+  layout, notes = batch_layout(mesh, batch_size), []
+  if mesh.shape[DATA] > 1 and layout["per_agent"] == P(AGENTS):
+    notes.append(f"batch_size={batch_size} does not split over the mesh's data axis "
+                 f"({mesh.shape[DATA]}): each agent's batch is whole on its devices")
+  if mesh.size > 1 and layout["pooled"] != P((AGENTS, DATA)):
+    over = {P(DATA): f"the data axis ({mesh.shape[DATA]} devices)",
+            P(AGENTS): f"the agent axis ({mesh.shape[AGENTS]} devices)"}.get(layout["pooled"],
+                                                                           "no axis")
+    notes.append(f"batch_size={batch_size} does not split over {mesh.size} devices: the "
+                 f"collective's batch is split over {over} (a batch_size divisible by "
+                 f"{mesh.size} uses every device)")
+  return notes
 
 
 def stacked(mesh: Mesh) -> NamedSharding:
@@ -74,14 +104,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def agent_batch(mesh: Mesh) -> NamedSharding:
+def agent_batch(mesh: Mesh, batch_size: int) -> NamedSharding:
   """Per-agent batches ``[K, B, ...]``: agents along ``agents``, examples along ``data``."""
-  return NamedSharding(mesh, P(AGENTS, DATA))
+  return NamedSharding(mesh, batch_layout(mesh, batch_size)["per_agent"])
 
 
-def pooled_batch(mesh: Mesh) -> NamedSharding:
-  """Pooled batches ``[B, ...]``: examples split over every device."""
-  return NamedSharding(mesh, P((AGENTS, DATA)))
+def pooled_batch(mesh: Mesh, batch_size: int) -> NamedSharding:
+  """Pooled batches ``[B, ...]``: examples split over every device (``batch_layout``)."""
+  return NamedSharding(mesh, batch_layout(mesh, batch_size)["pooled"])
 
 
 def tree_sharding(tree: Any, sharding: NamedSharding) -> Any:

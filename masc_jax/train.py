@@ -87,7 +87,6 @@ def build_society(config: ml_collections.ConfigDict) -> Society:
   pooled = np.sort(np.concatenate(per_agent))
   config_lib.check_against_data(config, [len(ix) for ix in per_agent], len(pooled))
   mesh = sharding.make_mesh(config.num_agents, config.num_devices, config.agent_axis_size)
-  sharding.check_batch_fits(mesh, config.batch_size)
 
   expert = models.make_network(config.model, dataset.num_classes, config.model.expert_widths)
   collective = models.make_network(config.model, dataset.num_classes,
@@ -156,10 +155,8 @@ def state_shardings(society: Society, abstract_state: PyTree) -> PyTree:
 
 def batch_source(society: Society, spec: StageSpec) -> Callable[[int], dict[str, jax.Array]]:
   """``step -> batch`` on device, gathered from the resident uint8 images."""
-  if spec.batches == protocol.PER_AGENT:
-    batch_sharding = sharding.agent_batch(society.mesh)
-  else:
-    batch_sharding = sharding.pooled_batch(society.mesh)
+  place = sharding.agent_batch if spec.batches == protocol.PER_AGENT else sharding.pooled_batch
+  batch_sharding = place(society.mesh, society.config.batch_size)
   indices = society.batches_of(spec).indices
 
   @functools.partial(jax.jit, out_shardings=batch_sharding)
@@ -347,6 +344,8 @@ class Run:
 
   def run(self) -> dict:
     faults.install_commit_hook()
+    for note in sharding.describe_layout(self.society.mesh, self.config.batch_size):
+      self.log(note)
     state, meta = self.restore_or_init()
     if meta["stage"] == DONE:
       # Finished before; a kill after the last checkpoint may have cut the reports short.

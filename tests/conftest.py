@@ -1,8 +1,25 @@
 """Shared fixtures: one tiny end-to-end run reused by every test that reads its outputs."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+
+# One persistent compilation cache for the whole session, set before JAX is imported so
+# that in-process runs and every subprocess (which inherits the environment) share it:
+# the many tiny runs of the suite then compile each program once. Runs' results do not
+# depend on it (a cached executable is the one that was compiled).
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="masc_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _SESSION_CACHE is not None:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 import jax
 import jax.numpy as jnp

@@ -59,7 +59,8 @@ def stage_steps(num_devices, num_steps=3):
 def main():
   mode, workdir = sys.argv[1], sys.argv[2]
   if mode == "steps":
-    out = {"one": stage_steps(1), "four": stage_steps(4)}
+    # Three devices: K=2 and the batch of 16 divide by neither, so the batches stay whole.
+    out = {"one": stage_steps(1), "four": stage_steps(4), "three": stage_steps(3)}
   elif mode == "e2e":
     extra = sys.argv[4:]       # e.g. agent_map=unroll: fields a resumed run may change
     config = config_lib.load_config("tiny", TINY_K2 + NO_ABLATIONS +

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from masc_jax import batches, config_lib, evaluation, losses, progress, protocol, stages, train
+from masc_jax import (batches, config_lib, evaluation, losses, progress, protocol, sharding,
+                      stages, train)
 from masc_jax.step_log import NonFiniteLossError, StepLog
 from conftest import REPO, run_main
 
@@ -315,12 +316,37 @@ def test_a_padded_last_eval_batch_gives_the_unpadded_predictions():
 THREE_DEVICES = {"JAX_NUM_CPU_DEVICES": "3"}     # odd: divides neither K=5 nor batch 16
 
 
+@pytest.mark.parametrize("agents, data, batch, per_agent, pooled", [
+    (2, 2, 16, ("agents", "data"), (("agents", "data"),)),     # everything splits
+    (5, 1, 40, ("agents", "data"), (("agents", "data"),)),     # K=5 on 5 devices, batch 40
+    (5, 1, 32, ("agents", "data"), ()),                        # ... batch 32: pooled stays whole
+    (1, 3, 16, ("agents",), ()),                               # 3 devices, batch 16
+    (2, 4, 12, ("agents", "data"), ("data",)),                 # 12 splits over data, not over 8
+    (4, 3, 8, ("agents",), ("agents",)),                       # 8 splits over agents only
+])
+def test_batches_split_over_the_widest_axes_they_divide(agents, data, batch, per_agent, pooled):
+  mesh = types.SimpleNamespace(shape={"agents": agents, "data": data}, size=agents * data)
+  layout = sharding.batch_layout(mesh, batch)
+  assert tuple(layout["per_agent"]) == per_agent
+  assert tuple(layout["pooled"]) == pooled
+  # Whatever the layout, every device's share is whole.
+  def ways(entry):
+    names = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+    return int(np.prod([mesh.shape[n] for n in names] or [1]))
+
+  per_agent_split = ways(layout["per_agent"][1]) if len(layout["per_agent"]) > 1 else 1
+  pooled_split = ways(layout["pooled"][0]) if len(layout["pooled"]) else 1
+  assert batch % per_agent_split == 0 and batch % pooled_split == 0
+  # The log says so whenever a batch uses fewer devices than it could.
+  notes = sharding.describe_layout(mesh, batch)
+  assert bool(notes) == (pooled_split < mesh.size or per_agent_split < data)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--config.num_devices=4"], "num_devices=4 but only 3 devices are visible"),
     (["--config.agent_axis_size=2"],
      "agent_axis_size=2 must divide both the number of agents (5) and the number of devices (3): "
      "use one of [1]"),
-    ([], "batch_size=16 must be divisible by the mesh's data axis (3)"),
 ])
 def test_device_settings_that_cannot_hold_the_run_exit_2_writing_nothing(tmp_path, overrides,
                                                                         message):

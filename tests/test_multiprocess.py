@@ -22,6 +22,21 @@ MAIN_ARGS = ["--config=tiny", "--config.ablations=False", "--config.batch_size=3
 COMPARED = ("rows", "group_accuracy", "society_accuracy", "collective_accuracy", "directionality")
 
 
+def test_process_flags_come_from_the_flags_then_the_environment():
+  from masc_jax import multihost
+
+  assert not multihost.process_spec(environ={}).enabled
+  assert multihost.process_spec(auto=True, environ={}).enabled
+  env = {"JAX_COORDINATOR_ADDRESS": "host0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+  spec = multihost.process_spec(environ=env)
+  assert (spec.coordinator_address, spec.num_processes, spec.process_id) == ("host0:1234", 4, 3)
+  assert multihost.process_spec(process_id=1, environ=env).process_id == 1
+  with pytest.raises(multihost.ProcessSpecError, match=r"JAX_NUM_PROCESSES='four' must be a whole number"):
+    multihost.process_spec(environ={**env, "JAX_NUM_PROCESSES": "four"})
+  with pytest.raises(multihost.ProcessSpecError, match=r"--heartbeat_timeout_s=0 must be at least 1"):
+    multihost.process_spec(heartbeat_timeout_s=0, environ=env)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("xla_cache"))
@@ -39,6 +54,21 @@ def two_processes(env, workdir, *extra, fault=None, wait=True):
   if wait:
     proc.output = proc.communicate(timeout=600)[0]
   return proc
+
+
+def slurm_step(env, workdir, *extra):
+  """Two processes started as a 2-task SLURM step on localhost, joined by ``--multihost``."""
+  job_id = str(os.getpid() * 7919 % 1_000_000)        # JAX derives the coordinator port from it
+  procs = []
+  for rank in (0, 1):
+    slurm = {"SLURM_JOB_ID": job_id, "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+             "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "JAX_NUM_CPU_DEVICES": "2",
+             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "masc_jax.main", *MAIN_ARGS, f"--workdir={workdir}", "--multihost",
+         "--heartbeat_timeout_s=10", *extra],
+        cwd=REPO, env={**env, **slurm}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return [(p, *p.communicate(timeout=600)) for p in procs]
 
 
 def one_process(env, workdir, *extra, fault=None):
@@ -173,11 +203,10 @@ def test_a_second_run_is_refused_by_every_one_of_its_processes(env, tmp_path):
     for line in first.stdout:                 # the first run holds the lock once it trains
       if line.startswith("[experts] step"):
         break
-    second = two_processes(env, workdir, "--config.epochs.collective=20")
-    assert second.returncode == 2, second.output[-3000:]
-    for index in (0, 1):
-      assert [l for l in process_lines(second.output, index)
-              if l.startswith("error: another run is writing")], (index, second.output[-2000:])
+    # The second run starts as a SLURM step: JAX finds the processes, masc_jax's lock refuses.
+    for proc, _, err in slurm_step(env, workdir, "--config.epochs.collective=20"):
+      assert proc.returncode == 2, err[-3000:]
+      assert [l for l in err.splitlines() if l.startswith("error: another run is writing")], err
     assert first.poll() is None               # the first run was not disturbed
   finally:
     first.send_signal(signal.SIGTERM)         # forwarded: both processes save and exit 143

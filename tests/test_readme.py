@@ -45,3 +45,21 @@ def test_ci_runs_the_readme_test_command():
     ci = [line.strip() for line in f if line.strip() and not line.startswith("#")]
   assert ci[-1] == test_command
   assert 'pip install -q -e ".[test]"' in " ".join(ci)
+
+
+def test_the_local_multi_process_command_starts_two_processes_as_written():
+  """README "Devices": the launch_local line, with --dry-run added, plans the two processes."""
+  line = next(l for l in readme().splitlines() if l.startswith("python -m masc_jax.launch_local"))
+  args = line.split()[3:]
+  out = subprocess.run([sys.executable, "-m", "masc_jax.launch_local", "--dry-run", *args],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+  assert out.returncode == 0, out.stderr
+  planned = out.stdout.strip().splitlines()
+  assert len(planned) == 2
+  for index, command in enumerate(planned):
+    assert "JAX_NUM_CPU_DEVICES=2 JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo" in command
+    assert command.endswith(f"--num_processes=2 --process_id={index} --heartbeat_timeout_s=30")
+    assert "-m masc_jax.main --config=tiny --workdir=runs/tiny_2x2 --coordinator_address=127.0.0.1:" in command
+  bad = subprocess.run([sys.executable, "-m", "masc_jax.launch_local", "--num_processes=0", "--",
+                        "--config=tiny"], capture_output=True, text=True, cwd=REPO, timeout=60)
+  assert bad.returncode == 2 and bad.stderr.strip() == "error: --num_processes=0 must be at least 1"

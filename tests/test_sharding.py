@@ -21,8 +21,14 @@ def run_worker(*args):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_every_stage_step_sharded_over_4_devices_matches_one_device():
-  out = run_worker("steps", "-")
+@pytest.fixture(scope="module")
+def stage_steps():
+  """Every stage's first steps on 1, 4 and 3 of 8 forced CPU devices (one worker)."""
+  return run_worker("steps", "-")
+
+
+def test_every_stage_step_sharded_over_4_devices_matches_one_device(stage_steps):
+  out = stage_steps
   one, four = out["one"], out["four"]
   assert one["mesh"] == {"agents": 1, "data": 1}
   assert four["mesh"] == {"agents": 2, "data": 2}
@@ -38,6 +44,17 @@ def test_every_stage_step_sharded_over_4_devices_matches_one_device():
     else:
       # The collective is replicated: every device holds the whole array.
       assert placed["shard_rows"] == placed["rows"], stage
+
+
+def test_device_counts_that_split_nothing_evenly_match_one_device(stage_steps):
+  """3 devices, K=2, batch 16: no axis divides, the batches stay whole on every device."""
+  out = stage_steps
+  one, three = out["one"], out["three"]
+  assert three["mesh"] == {"agents": 1, "data": 3}
+  for stage, losses in one["losses"].items():
+    np.testing.assert_allclose(three["losses"][stage], losses, rtol=1e-5, atol=1e-5, err_msg=stage)
+    for a, b in zip(one["params"][stage], three["params"][stage]):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5, err_msg=stage)
 
 
 def _close(a, b):
