@@ -103,97 +103,82 @@ def steps_of(workdir):
   return sorted(int(n) for n in os.listdir(root) if n.isdigit())
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(env, tmp_path_factory):
-  """The same run on 2 processes x 2 devices and on 1 process x 4 devices."""
-  two = str(tmp_path_factory.mktemp("two"))
-  proc = two_processes(env, two)
-  assert proc.returncode == 0, proc.output[-3000:]
-  one = str(tmp_path_factory.mktemp("one"))
-  single = one_process(env, one)
-  assert single.returncode == 0, single.stderr[-3000:]
-  return two, proc.output, one, single.stdout
-
-
-def test_two_processes_give_the_one_process_results_and_only_process_0_writes(uninterrupted):
-  two, output, one, _ = uninterrupted
-  assert_same_results(results(two), results(one))
-  # Process 1 trains silently: no progress line, no table, only runtime chatter.
-  assert not [l for l in process_lines(output, 1) if l.startswith(("[experts]", "[collective]",
-                                                                     "[altruism]", "|", "error"))]
-  assert any(l.startswith("[altruism] done:") for l in process_lines(output, 0))
-  # One writer: every record of metrics.jsonl once, as in the one-process run.
-  with open(os.path.join(two, "metrics.jsonl")) as f, open(os.path.join(one, "metrics.jsonl")) as g:
-    two_records = [json.loads(l) for l in f]
-    one_records = [json.loads(l) for l in g]
-  key = lambda r: (r["stage"], r.get("step", -1), "eval" in r)
-  assert sorted(map(key, two_records)) == sorted(map(key, one_records))
-  assert sorted(os.listdir(two)) == sorted(os.listdir(one))
-
-
-def test_sigterm_to_every_process_saves_exits_143_and_one_process_resumes(env, uninterrupted,
-                                                                          tmp_path):
-  workdir = str(tmp_path / "run")
-  stopped = two_processes(env, workdir, fault="TERM:stage_saved:experts:1")
-  assert stopped.returncode == 143, stopped.output[-3000:]
-  assert "SIGTERM: saved a checkpoint at stage collective, step 0; exiting" in stopped.output
-  boundary = max(steps_of(workdir))
-  # A changed result field is refused by every process before anything runs.
-  refused = two_processes(env, workdir, "--config.loss.kd_weight=2.0")
-  assert refused.returncode == 2
-  for index in (0, 1):
-    assert any("holds a run with a different config" in l
-               for l in process_lines(refused.output, index)), index
-  # The checkpoint written by two processes resumes in one.
-  resumed = one_process(env, workdir)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resumed from checkpoint {boundary}: stage collective, step 0" in resumed.stdout
-  assert "[experts]" not in resumed.stdout
-  assert_same_results(results(workdir), results(uninterrupted[2]))
-
-
-def test_a_one_process_checkpoint_resumes_on_two_processes(env, uninterrupted, tmp_path):
-  workdir = str(tmp_path / "run")
-  stopped = one_process(env, workdir, fault="TERM:stage_saved:collective:1")
-  assert stopped.returncode == 143, stopped.stderr[-3000:]
-  boundary = max(steps_of(workdir))
-  resumed = two_processes(env, workdir)
-  assert resumed.returncode == 0, resumed.output[-3000:]
-  lines = process_lines(resumed.output, 0)
-  assert f"resumed from checkpoint {boundary}: stage altruism, step 0" in lines
-  assert not any(l.startswith(("[experts]", "[collective]")) for l in lines)
-  assert_same_results(results(workdir), results(uninterrupted[0]))
-
-
-def test_a_killed_process_stops_its_peer_and_both_resume_to_identical_results(env, uninterrupted,
-                                                                             tmp_path):
-  """SIGKILL of process 1 mid-stage: process 0 stops at once naming it; a restart resumes."""
+def start_two(env, workdir, kill_process_1_at=None):
+  """Both processes of a 2 x 2 run, started by hand (so one of them can be killed alone)."""
   sys.path.insert(0, REPO)
   from masc_jax import launch_local
 
-  workdir = str(tmp_path / "run")
   plan = launch_local.commands([*MAIN_ARGS, f"--workdir={workdir}"], 2, 2,
                                launch_local.free_port(), heartbeat_timeout_s=10)
   procs = []
   for index, (extra, cmd) in enumerate(plan):
-    fault = {"MASC_FAULT": "KILL:step:collective:12"} if index == 1 else {}
+    fault = {"MASC_FAULT": kill_process_1_at} if index == 1 and kill_process_1_at else {}
     procs.append(subprocess.Popen(cmd, cwd=REPO, env={**env, **extra, **fault},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+  """The run never stopped, in one process with 4 devices: ``(workdir, stdout)``."""
+  workdir = str(tmp_path_factory.mktemp("one"))
+  single = one_process(env, workdir)
+  assert single.returncode == 0, single.stderr[-3000:]
+  return workdir, single.stdout
+
+
+def test_a_run_moves_between_process_counts_and_survives_preemption_and_a_lost_process(
+    env, reference, tmp_path):
+  """One run, stage by stage: 2 processes, then 1, then 2 again, then 2 after a lost process.
+
+  Every stop resumes from the last committed checkpoint, and the run ends with
+  the tables of the uninterrupted one-process run: what 2 processes x 2
+  devices compute is what 1 process x 4 devices computes.
+  """
+  workdir = str(tmp_path / "run")
+  # 1. Two processes; SIGTERM reaches both after the experts' stage-end save: both save one
+  #    checkpoint at the step they agree on and exit 143.
+  a = two_processes(env, workdir, fault="TERM:stage_saved:experts:1")
+  assert a.returncode == 143, a.output[-3000:]
+  assert "SIGTERM: saved a checkpoint at stage collective, step 0; exiting" in a.output
+  experts_end = max(steps_of(workdir))
+  # 2. One process resumes the two processes' checkpoint; stopped after the collective.
+  b = one_process(env, workdir, fault="TERM:stage_saved:collective:1")
+  assert b.returncode == 143, b.stderr[-3000:]
+  assert f"resumed from checkpoint {experts_end}: stage collective, step 0" in b.stdout
+  assert "[experts]" not in b.stdout
+  collective_end = max(steps_of(workdir))
+  # 3. Two processes resume the one process's checkpoint; process 1 is killed mid-stage.
+  procs = start_two(env, workdir, kill_process_1_at="KILL:step:altruism:3")
   _, err1 = procs[1].communicate(timeout=600)
   killed_at = time.monotonic()
   assert procs[1].returncode == -signal.SIGKILL, err1[-3000:]
-  _, err0 = procs[0].communicate(timeout=120)
+  out0, err0 = procs[0].communicate(timeout=120)
   waited = time.monotonic() - killed_at
-  # Bounded: at once when a collective finds the connection closed (masc_jax's line), else
-  # when the coordination service misses process 1's heartbeats for 10 s (JAX's message).
+  assert f"resumed from checkpoint {collective_end}: stage altruism, step 0" in out0
+  # Process 0 stops, bounded: at once when a collective finds the connection closed
+  # (masc_jax's line), else when the coordination service misses process 1's heartbeats
+  # for 10 s (JAX's message, naming the task).
   assert procs[0].returncode != 0 and waited < 10 + 20, (procs[0].returncode, waited)
   ours = "error: process 0 of 2 lost process 1 of this run" in err0
   jax_heartbeat = "stopped sending heartbeats):\n1\n" in err0 or "Task 1 heartbeat timeout" in err0
   assert ours or jax_heartbeat, err0[-3000:]
-  restarted = two_processes(env, workdir)
-  assert restarted.returncode == 0, restarted.output[-3000:]
-  assert "resumed from checkpoint" in restarted.output
-  assert_same_results(results(workdir), results(uninterrupted[0]))
+  # 4. Both restarted: the run finishes from the last committed checkpoint.
+  d = two_processes(env, workdir)
+  assert d.returncode == 0, d.output[-3000:]
+  assert any(l.startswith("resumed from checkpoint") for l in process_lines(d.output, 0))
+  assert any(l.startswith("[altruism] done:") for l in process_lines(d.output, 0))
+  assert_same_results(results(workdir), results(reference[0]))
+  # Process 1 trains silently: no progress line, no table, no error.
+  assert not [l for l in process_lines(d.output, 1)
+              if l.startswith(("[experts]", "[collective]", "[altruism]", "|", "error"))]
+  # One writer: over the four runs every record of metrics.jsonl was written once, as in
+  # the run never stopped; and the same files.
+  with open(os.path.join(workdir, "metrics.jsonl")) as f, \
+       open(os.path.join(reference[0], "metrics.jsonl")) as g:
+    key = lambda r: (r["stage"], r.get("step", -1), "eval" in r)
+    assert sorted(key(json.loads(l)) for l in f) == sorted(key(json.loads(l)) for l in g)
+  assert sorted(os.listdir(workdir)) == sorted(os.listdir(reference[0]))
 
 
 def test_a_second_run_is_refused_by_every_one_of_its_processes(env, tmp_path):
