@@ -86,12 +86,12 @@ def describe_layout(mesh: Mesh, batch_size: int) -> list[str]:
     notes.append(f"batch_size={batch_size} does not split over the mesh's data axis "
                  f"({mesh.shape[DATA]}): each agent's batch is whole on its devices")
   if mesh.size > 1 and layout["pooled"] != P((AGENTS, DATA)):
-    over = {P(DATA): f"the data axis ({mesh.shape[DATA]} devices)",
-            P(AGENTS): f"the agent axis ({mesh.shape[AGENTS]} devices)"}.get(layout["pooled"],
-                                                                           "no axis")
+    where = {P(DATA): f"split over the data axis ({mesh.shape[DATA]} devices) only",
+             P(AGENTS): f"split over the agent axis ({mesh.shape[AGENTS]} devices) only"}.get(
+                 layout["pooled"], "whole on every device")
     notes.append(f"batch_size={batch_size} does not split over {mesh.size} devices: the "
-                 f"collective's batch is split over {over} (a batch_size divisible by "
-                 f"{mesh.size} uses every device)")
+                 f"collective's batch is {where} (a batch_size divisible by {mesh.size} "
+                 "uses every device)")
   return notes
 
 

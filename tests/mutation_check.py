@@ -1,6 +1,6 @@
 """Mutation check of the run guarantees: break each promise, watch its test fail.
 
-    python tests/mutation_check.py              # every mutant (about 25 minutes on 2 cores)
+    python tests/mutation_check.py              # every mutant (about 45 minutes on 2 cores)
     python tests/mutation_check.py --list       # the mutants, the guarantee each breaks
     python tests/mutation_check.py lock-shared sigterm-exit-0   # some of them
 
