@@ -171,6 +171,15 @@ MUTANTS = (
            "masc_jax/sharding.py", "  return NamedSharding(mesh, P(AGENTS))\n",
            "  return NamedSharding(mesh, P())\n",
            ("tests/test_sharding.py::test_every_stage_step_sharded_over_4_devices_matches_one_device",)),
+    # -- several processes, object stores
+    Mutant("every-process-writes", "only process 0 writes logs and results",
+           "masc_jax/train.py", "    self.is_writer = jax.process_index() == 0\n",
+           "    self.is_writer = True\n",
+           ("tests/test_multiprocess.py::"
+            "test_a_run_moves_between_process_counts_and_survives_preemption_and_a_lost_process",)),
+    Mutant("metrics-to-local-disk", "a gs:// workdir writes nothing locally",
+           "masc_jax/progress.py", "        if paths.is_local(path):\n", "        if True:\n",
+           ("tests/test_paths.py::test_a_gs_workdir_gets_every_file_and_the_local_disk_none",)),
     # -- determinism
     Mutant("init-seed-ignored", "config.seed picks the initialisation", "masc_jax/train.py",
            "jax.random.key(self.config.seed)", "jax.random.key(0)",
