@@ -44,15 +44,14 @@ def env(tmp_path_factory):
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu"}
 
 
-def two_processes(env, workdir, *extra, fault=None, wait=True):
-  """``launch_local`` with 2 processes x 2 devices; returns the finished (or running) Popen."""
+def two_processes(env, workdir, *extra, fault=None):
+  """``launch_local`` with 2 processes x 2 devices; the finished Popen, its ``output`` read."""
   cmd = [sys.executable, "-m", "masc_jax.launch_local", "--num_processes=2",
          "--devices_per_process=2", "--heartbeat_timeout_s=10", "--grace_s=30", "--",
          *MAIN_ARGS, f"--workdir={workdir}", *extra]
   proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **({"MASC_FAULT": fault} if fault else {})},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  if wait:
-    proc.output = proc.communicate(timeout=600)[0]
+  proc.output = proc.communicate(timeout=600)[0]
   return proc
 
 
@@ -182,18 +181,16 @@ def test_a_run_moves_between_process_counts_and_survives_preemption_and_a_lost_p
 
 
 def test_a_second_run_is_refused_by_every_one_of_its_processes(env, tmp_path):
+  """The workdir is locked by a live run (held here through the library's own lock); a
+  two-process run started as a SLURM step, which JAX joins through ``--multihost``, stops
+  in both processes with masc_jax's one line. (A run is never refused by its own lock:
+  every two-process run above holds it.)"""
+  from masc_jax import workdir as workdir_lib
+
   workdir = str(tmp_path / "run")
-  first = two_processes(env, workdir, "--config.epochs.collective=20", wait=False)
-  try:
-    for line in first.stdout:                 # the first run holds the lock once it trains
-      if line.startswith("[experts] step"):
-        break
-    # The second run starts as a SLURM step: JAX finds the processes, masc_jax's lock refuses.
-    for proc, _, err in slurm_step(env, workdir, "--config.epochs.collective=20"):
-      assert proc.returncode == 2, err[-3000:]
-      assert [l for l in err.splitlines() if l.startswith("error: another run is writing")], err
-    assert first.poll() is None               # the first run was not disturbed
-  finally:
-    first.send_signal(signal.SIGTERM)         # forwarded: both processes save and exit 143
-    first.communicate(timeout=300)
-  assert first.returncode == 143
+  with workdir_lib.workdir_lock(workdir):
+    refused = slurm_step(env, workdir)
+  for proc, _, err in refused:
+    assert proc.returncode == 2, err[-3000:]
+    assert [l for l in err.splitlines() if l.startswith("error: another run is writing")], err
+  assert sorted(os.listdir(workdir)) == [".lock"]        # nothing written
