@@ -46,12 +46,21 @@ def default_directory(environ: dict[str, str] | None = None) -> str:
   return os.path.join(base, "masc_jax", f"xla-{_cpu_tag()}")
 
 
+def _requested(flag_value: str | None, environ: dict[str, str]) -> str | None:
+  """What masc_jax was asked for: the flag, else ``$MASC_COMPILATION_CACHE_DIR`` (None: neither)."""
+  return flag_value if flag_value is not None else environ.get("MASC_COMPILATION_CACHE_DIR")
+
+
+def _is_off(value: str | None) -> bool:
+  return value is not None and value.strip().lower() in OFF
+
+
 def resolve(flag_value: str | None, environ: dict[str, str] | None = None) -> str | None:
   """The cache folder to use; None: off, or JAX's own ``JAX_COMPILATION_CACHE_DIR`` applies."""
   environ = os.environ if environ is None else environ
-  for value in (flag_value, environ.get("MASC_COMPILATION_CACHE_DIR")):
-    if value is not None:
-      return None if value.strip().lower() in OFF else os.path.expanduser(value)
+  requested = _requested(flag_value, environ)
+  if requested is not None:
+    return None if _is_off(requested) else os.path.expanduser(requested)
   if environ.get("JAX_COMPILATION_CACHE_DIR"):
     return None
   return default_directory(environ)
@@ -65,8 +74,7 @@ def enable(flag_value: str | None = None) -> str | None:
   """
   import jax
 
-  chosen = flag_value if flag_value is not None else os.environ.get("MASC_COMPILATION_CACHE_DIR")
-  if chosen is not None and chosen.strip().lower() in OFF:
+  if _is_off(_requested(flag_value, os.environ)):
     jax.config.update("jax_compilation_cache_dir", None)
     return None
   directory = resolve(flag_value)

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from conftest import REPO
+from masc_jax import launch_local
 
 MAIN_ARGS = ["--config=tiny", "--config.ablations=False", "--config.batch_size=32"]
 COMPARED = ("rows", "group_accuracy", "society_accuracy", "collective_accuracy", "directionality")
@@ -104,9 +105,6 @@ def steps_of(workdir):
 
 def start_two(env, workdir, kill_process_1_at=None):
   """Both processes of a 2 x 2 run, started by hand (so one of them can be killed alone)."""
-  sys.path.insert(0, REPO)
-  from masc_jax import launch_local
-
   plan = launch_local.commands([*MAIN_ARGS, f"--workdir={workdir}"], 2, 2,
                                launch_local.free_port(), heartbeat_timeout_s=10)
   procs = []
