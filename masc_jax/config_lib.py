@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from masc_jax import agents, data, losses, models, routing
+from masc_jax import agents, data, losses, models, population, routing
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 # Every get_config() file in masc_jax/configs/ is a registered config, found by its name.
@@ -129,9 +129,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raise ``ConfigError`` listing every field that cannot work.
 
   Checks types, ranges, enum values, that K divides the classes and that the
-  networks' pools fit the input size. Data-dependent checks (batch size vs an
-  agent's data) are in ``check_against_data``.
+  networks' pools fit the input size; for a population, the seed list, the
+  sweep and every swept value. Data-dependent checks (batch size vs an agent's
+  data) are in ``check_against_data``.
   """
+  errors = _field_errors(config)
+  for field in ("seeds", "sweep"):
+    if not isinstance(config[field], str):
+      errors.append(f"{field} must be a string, got {config[field]!r}")
+  if not errors:
+    try:
+      members = population.members_of(config)
+    except population.PopulationError as e:
+      errors.append(str(e))
+    else:
+      # Swept values obey the rules of their fields: check each setting's config.
+      for member in {m.settings: m for m in members}.values():
+        errors += [f"sweep: {e}" for e in _field_errors(population.member_config(config, member))
+                   if e not in errors and f"sweep: {e}" not in errors]
+  if errors:
+    raise ConfigError(_problems("invalid config", errors))
+
+
+def _field_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """One message per field of ``config`` that cannot work (``validate``)."""
   errors: list[str] = []
 
   def need(ok: bool, message: str) -> None:
@@ -215,6 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   positive_int("seed", config.seed, minimum=0)
   one_of("agent_map", config.agent_map, agents.AGENT_MAP_STRATEGIES)
+  one_of("member_map", config.member_map, population.MEMBER_MAP_STRATEGIES)
   positive_int("num_devices", config.num_devices, minimum=0)
   positive_int("agent_axis_size", config.agent_axis_size, minimum=0)
   positive_int("log_every_steps", config.log_every_steps)
@@ -226,8 +248,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if isinstance(config.data_dir, str) and config.data_dir and "://" not in config.data_dir:
     need(not os.path.exists(config.data_dir) or os.path.isdir(config.data_dir),
          f"data_dir={config.data_dir} is not a directory")
-  if errors:
-    raise ConfigError(_problems("invalid config", errors))
+  return errors
 
 
 def check_against_data(config: ml_collections.ConfigDict, agent_train_sizes: Sequence[int],

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from masc_jax import batches, metrics
+from masc_jax import batches, metrics, routing_diagnostics
 
 PyTree = Any
 
@@ -67,4 +67,12 @@ def results_from_predictions(predictions: dict[str, np.ndarray], labels: np.ndar
     results["society_accuracy"][row] = metrics.accuracy(predictions[f"society_{row}"], labels)
   for name in collectives:
     results["collective_accuracy"][name] = metrics.accuracy(predictions[name], labels)
+  diagnosed = {row: {key.rsplit("/", 1)[1]: value for key, value in predictions.items()
+                     if key.startswith(f"routing/{row}/")} for row in rows}
+  diagnosed = {row: outputs for row, outputs in diagnosed.items() if outputs}
+  if diagnosed:
+    # Why a grown row's General is what it is: who answered, and how confident each was.
+    results["routing_diagnostics"] = {
+        row: routing_diagnostics.diagnose(labels=labels, groups=groups, **outputs)
+        for row, outputs in diagnosed.items()}
   return results

@@ -42,6 +42,7 @@ StepFn = Callable[..., tuple[stages.ModelState, dict[str, jax.Array]]]   # (stat
 MODEL_KINDS = ("experts", "collective", "heads")
 PER_AGENT, POOLED = "per_agent", "pooled"          # batch kinds
 STACKED, REPLICATED = "stacked", "replicated"      # shardings
+ROUTING_PREFIX = "routing/"                         # predict outputs that are not logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,8 @@ class StageSpec:
     epochs: the ``config.epochs`` field giving its length.
     make_step: ``(society, spec) -> step(state, batch, rng, frozen) -> (state, metrics)``.
     frozen: ``(society, spec, state by stage name) -> frozen models the step reads``.
-    predict: ``(society, spec, variables by key, x) -> {output: logits}`` in inference mode.
+    predict: ``(society, spec, variables by key, x) -> {output: logits}`` in inference mode;
+      outputs named ``routing/<row>/...`` are passed on as they are (diagnostics).
     variables_key: the name of its trained model in ``variables`` (prediction).
     rows: the per-agent result rows it feeds (their logits are ``[K, B, C]``).
     collective: the collective accuracy it feeds, if any (its logits are ``[B, C]``).
@@ -173,11 +175,15 @@ def _collective_predict(society: Society, spec: StageSpec, variables, x) -> dict
 
 def _grown_predict(society: Society, spec: StageSpec, variables, x) -> dict[str, jax.Array]:
   rule, settings = routing.settings_from_config(society.config)
-  logits = stages.grown_logits(
+  logits, routed = stages.grown_outputs(
       variables[spec.variables_key], variables[BY_NAME[spec.base].variables_key], x,
       network=society.collective_network, backbone=society.backbone, head=society.head,
       rule=rule, routing_settings=settings, strategy=society.strategy)
-  return {row: logits for row in spec.rows}
+  out = {row: logits for row in spec.rows}
+  # What the routing saw (evaluation.results_from_predictions summarises it).
+  out.update({f"{ROUTING_PREFIX}{row}/{name}": value
+              for row in spec.rows for name, value in routed.items()})
+  return out
 
 
 # ----------------------------------------------------------------------------- the table
@@ -240,13 +246,17 @@ def predict_rows(society: Society, specs: tuple[StageSpec, ...], variables: Mapp
 
   Returns int predictions: ``[K, B]`` for each per-agent row and ``[B]`` for
   ``society_<row>`` (the routing rule across the row's agents) and for each
-  collective.
+  collective; and each grown row's routing outputs (``routing/<row>/<name>``,
+  ``stages.grown_outputs``).
   """
   x = normalize(images)
   rule, settings = routing.settings_from_config(society.config)
   out = {}
   for spec in specs:
     for name, logits in spec.predict(society, spec, variables, x).items():
+      if name.startswith(ROUTING_PREFIX):
+        out[name] = logits
+        continue
       out[name] = jnp.argmax(logits, -1)
       if name in spec.rows:
         out[f"society_{name}"] = jnp.argmax(routing.route(logits, rule, settings)[0], -1)

@@ -30,6 +30,8 @@ Results schema (rows may be missing when a run had no ablations)::
       "stages": ["experts", "collective", ...],  # optional: the run's stage order
       "timings": {stage: {"compile_s", "train_s", "steps", "images_per_s"}},  # optional
       "config": {...},                                                     # optional
+      "routing_diagnostics": {row: {...}},  # optional: masc_jax.routing_diagnostics.diagnose
+                                            # output per row (schema in that module)
     }
 
 Accuracies are fractions in [0, 1]; the Markdown shows them as percentages.
@@ -47,7 +49,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from masc_jax import paths
+# routing_diagnostics imports this module's helpers inside its functions only,
+# so importing it here makes no cycle at import time.
+from masc_jax import paths, routing_diagnostics
 from masc_jax.progress import format_duration, to_jsonable
 
 __all__ = [
@@ -167,6 +171,10 @@ def _validate(results: Any) -> tuple[int, dict[str, dict[str, np.ndarray]], dict
             raise ValueError(
                 f"group_accuracy[{name!r}] has shape {arr.shape}, expected ({k}, {k}) [agent][class group]")
         groups[str(name)] = arr
+
+    diagnostics = results.get("routing_diagnostics")
+    if diagnostics is not None:
+        routing_diagnostics.validate(diagnostics, num_agents=k)
     return k, rows, groups
 
 
@@ -237,7 +245,8 @@ def _ordered_timings(timings: Mapping, stages: Any) -> list[tuple[str, Any]]:
 
 def results_markdown(results: dict) -> str:
     """The Markdown report: per-row agent tables, summary, per-group accuracy,
-    collective accuracy and timings (the last two only when present)."""
+    collective accuracy, timings and routing diagnostics (the last three only
+    when present)."""
     k, rows, groups = _validate(results)
     order = _ordered_rows(rows)
     society = results.get("society_accuracy") or {}
@@ -332,6 +341,10 @@ def results_markdown(results: dict) -> str:
                 f"{format_duration(t['compile_s']) if t.get('compile_s') is not None else '-'} | "
                 f"{format_duration(t['train_s']) if t.get('train_s') is not None else '-'} | {ips_s} |")
         out.append("")
+
+    diagnostics = results.get("routing_diagnostics")
+    if diagnostics is not None:
+        out.append(routing_diagnostics.diagnostics_markdown(diagnostics))
 
     return "\n".join(out).rstrip("\n") + "\n"
 

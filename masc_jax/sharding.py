@@ -1,11 +1,13 @@
-"""The device mesh: an ``agents`` axis for stacked agents, a ``data`` axis for batches.
+"""The device mesh: ``members`` of a population, ``agents`` for stacked agents, ``data`` for batches.
 
 ``jax.pmap`` is in maintenance mode, so the agent axis is spread over devices
 with ``jit`` and ``NamedSharding``: stacked agent states (params, BatchNorm
 statistics, optimiser states) are split along ``agents``; per-agent batches
 ``[K, B, ...]`` along ``agents`` and ``data``; the collective's state is
 replicated and its pooled batch ``[B, ...]`` split over every device (plain
-data parallelism). XLA's SPMD partitioner then runs each stage's step as one
+data parallelism). A population's arrays carry a leading member axis, split
+along ``members`` first: members never talk to each other, so 8 seeds on 8
+chips run one member per chip with no communication at all. XLA's SPMD partitioner then runs each stage's step as one
 program over the mesh and inserts the gradient all-reduce of the collective.
 """
 
@@ -19,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 P = PartitionSpec
 
+MEMBERS = "members"
 AGENTS = "agents"
 DATA = "data"
 
@@ -44,16 +47,28 @@ def choose_agent_axis(num_devices: int, num_agents: int, requested: int = 0) -> 
 
 
 def make_mesh(num_agents: int, num_devices: int = 0, agent_axis_size: int = 0,
-              devices: list[Any] | None = None) -> Mesh:
-  """A 2-D mesh ``(agents, data)`` over the first ``num_devices`` devices (0: all)."""
+              devices: list[Any] | None = None, num_members: int = 1) -> Mesh:
+  """A 3-D mesh ``(members, agents, data)`` over the first ``num_devices`` devices (0: all).
+
+  The member axis takes the largest divisor of the population size that divides
+  the device count (1 for a plain run); the agent axis then divides what is left.
+  """
   devices = list(devices if devices is not None else jax.devices())
   if num_devices:
     if num_devices > len(devices):
       raise MeshError(f"num_devices={num_devices} but only {len(devices)} devices are visible")
     devices = devices[:num_devices]
-  agent_axis = choose_agent_axis(len(devices), num_agents, agent_axis_size)
-  grid = np.array(devices, dtype=object).reshape(agent_axis, len(devices) // agent_axis)
-  return Mesh(grid, (AGENTS, DATA))
+  member_axis = max(d for d in range(1, len(devices) + 1)
+                    if num_members % d == 0 and len(devices) % d == 0)
+  per_member = len(devices) // member_axis
+  agent_axis = choose_agent_axis(per_member, num_agents, agent_axis_size)
+  grid = np.array(devices, dtype=object).reshape(member_axis, agent_axis, per_member // agent_axis)
+  return Mesh(grid, (MEMBERS, AGENTS, DATA))
+
+
+def with_members(spec: PartitionSpec, members: bool) -> PartitionSpec:
+  """``spec`` behind a leading member axis, for a population's arrays."""
+  return P(MEMBERS, *spec) if members else spec
 
 
 def batch_layout(mesh: Mesh, batch_size: int) -> dict[str, PartitionSpec]:
@@ -68,7 +83,7 @@ def batch_layout(mesh: Mesh, batch_size: int) -> dict[str, PartitionSpec]:
   """
   data, agents = mesh.shape[DATA], mesh.shape[AGENTS]
   per_agent = P(AGENTS, DATA) if batch_size % data == 0 else P(AGENTS)
-  if batch_size % mesh.size == 0:
+  if batch_size % (agents * data) == 0:
     pooled = P((AGENTS, DATA))
   elif data > 1 and batch_size % data == 0:
     pooled = P(DATA)
@@ -82,42 +97,46 @@ def batch_layout(mesh: Mesh, batch_size: int) -> dict[str, PartitionSpec]:
 def describe_layout(mesh: Mesh, batch_size: int) -> list[str]:
   """Lines for the log when a batch cannot be split over every device it could use."""
   layout, notes = batch_layout(mesh, batch_size), []
+  devices = mesh.shape[AGENTS] * mesh.shape[DATA]      # one member's devices
   if mesh.shape[DATA] > 1 and layout["per_agent"] == P(AGENTS):
     notes.append(f"batch_size={batch_size} does not split over the mesh's data axis "
                  f"({mesh.shape[DATA]}): each agent's batch is whole on its devices")
-  if mesh.size > 1 and layout["pooled"] != P((AGENTS, DATA)):
+  if devices > 1 and layout["pooled"] != P((AGENTS, DATA)):
     where = {P(DATA): f"split over the data axis ({mesh.shape[DATA]} devices) only",
              P(AGENTS): f"split over the agent axis ({mesh.shape[AGENTS]} devices) only"}.get(
                  layout["pooled"], "whole on every device")
-    notes.append(f"batch_size={batch_size} does not split over {mesh.size} devices: the "
-                 f"collective's batch is {where} (a batch_size divisible by {mesh.size} "
+    notes.append(f"batch_size={batch_size} does not split over {devices} devices: the "
+                 f"collective's batch is {where} (a batch_size divisible by {devices} "
                  "uses every device)")
   return notes
 
 
-def stacked(mesh: Mesh) -> NamedSharding:
-  """Leaves ``[K, ...]`` split along the agent axis."""
-  return NamedSharding(mesh, P(AGENTS))
+def stacked(mesh: Mesh, members: bool = False) -> NamedSharding:
+  """Leaves ``[K, ...]`` (population: ``[P, K, ...]``) split along the agent axis."""
+  return NamedSharding(mesh, with_members(P(AGENTS), members))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+def replicated(mesh: Mesh, members: bool = False) -> NamedSharding:
+  """Whole on every device (population: ``[P, ...]`` split along the member axis only)."""
+  return NamedSharding(mesh, with_members(P(), members))
 
 
-def agent_batch(mesh: Mesh, batch_size: int) -> NamedSharding:
+def agent_batch(mesh: Mesh, batch_size: int, members: bool = False) -> NamedSharding:
   """Per-agent batches ``[K, B, ...]``: agents along ``agents``, examples along ``data``."""
-  return NamedSharding(mesh, batch_layout(mesh, batch_size)["per_agent"])
+  return NamedSharding(mesh, with_members(batch_layout(mesh, batch_size)["per_agent"], members))
 
 
-def pooled_batch(mesh: Mesh, batch_size: int) -> NamedSharding:
+def pooled_batch(mesh: Mesh, batch_size: int, members: bool = False) -> NamedSharding:
   """Pooled batches ``[B, ...]``: examples split over every device (``batch_layout``)."""
-  return NamedSharding(mesh, batch_layout(mesh, batch_size)["pooled"])
+  return NamedSharding(mesh, with_members(batch_layout(mesh, batch_size)["pooled"], members))
 
 
 def tree_sharding(tree: Any, sharding: NamedSharding) -> Any:
-  """The same sharding for every leaf; scalars (rank 0) are replicated."""
-  rep = replicated(sharding.mesh)
-  return jax.tree.map(lambda x: sharding if np.ndim(x) else rep, tree)
+  """``sharding`` for every leaf, cut to the leaf's rank (scalars are replicated)."""
+  def leaf(x):
+    spec = tuple(sharding.spec)[: np.ndim(x)]
+    return NamedSharding(sharding.mesh, P(*spec))
+  return jax.tree.map(leaf, tree)
 
 
 def put(tree: Any, sharding: NamedSharding) -> Any:

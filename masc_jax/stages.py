@@ -15,6 +15,7 @@ Metrics are per agent ``[K]`` (stages 1, 3) or scalars (stage 2).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,12 @@ def make_optimizer(optim_config: Any) -> optax.GradientTransformation:
   if optim_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
   parts.append(optax.add_decayed_weights(optim_config.weight_decay))
-  parts.append(optax.sgd(optim_config.learning_rate, momentum=optim_config.momentum or None))
+  momentum = optim_config.momentum
+  if isinstance(momentum, (int, float)) and momentum == 0:
+    # No trace at all for plain SGD; a swept (traced) momentum always keeps one,
+    # which at 0 computes the same update.
+    momentum = None
+  parts.append(optax.sgd(optim_config.learning_rate, momentum=momentum))
   return optax.chain(*parts)
 
 
@@ -233,11 +239,30 @@ def grown_logits(heads: PyTree, collective: PyTree, x: jax.Array, *, network: nn
                  routing_settings: routing.RoutingSettings = routing.RoutingSettings(),
                  strategy: str = "auto") -> jax.Array:
   """``[K, B, C]``: every grown agent G_k, answering with its own head or S's by the rule."""
+  return grown_outputs(heads, collective, x, network=network, backbone=backbone, head=head,
+                       rule=rule, routing_settings=routing_settings, strategy=strategy)[0]
+
+
+def grown_outputs(heads: PyTree, collective: PyTree, x: jax.Array, *, network: nn.Module,
+                  backbone: nn.Module, head: nn.Module, rule: str | routing.Rule = "energy",
+                  routing_settings: routing.RoutingSettings = routing.RoutingSettings(),
+                  strategy: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The grown agents' logits ``[K, B, C]`` and what their routing saw.
+
+  Returns:
+    ``(logits, routing)`` with ``routing``: ``uses_head [K, B]`` (agent k answered
+    with its own head, not S), ``head_pred [K, B]``, ``collective_pred [B]``, and
+    the free energies ``head_energy [K, B]``, ``collective_energy [B]`` at the
+    routing temperature (``masc_jax.routing_diagnostics`` summarises them).
+  """
   s_logits = collective_logits(collective, x, network=network)
   backbone_vars = {name: tree["backbone"] for name, tree in collective.items()}
   features = backbone.apply(backbone_vars, x, train=False)
   head_logits = agents.agent_map(
       lambda v: head.apply(v, features, train=False), strategy=strategy)(heads)
-  grown, _ = routing.grown_agent_logits(s_logits, head_logits, routing_settings.temperature,
-                                        rule, routing_settings.margin)
-  return grown
+  grown, uses_head = routing.grown_agent_logits(s_logits, head_logits, routing_settings.temperature,
+                                                rule, routing_settings.margin)
+  energy = functools.partial(losses.free_energy, temperature=routing_settings.temperature)
+  return grown, {"uses_head": uses_head, "head_pred": jnp.argmax(head_logits, -1),
+                 "collective_pred": jnp.argmax(s_logits, -1),
+                 "head_energy": jax.vmap(energy)(head_logits), "collective_energy": energy(s_logits)}

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from masc_jax import progress
+from masc_jax import population, progress
 from masc_jax.protocol import StageSpec
 
 
@@ -24,8 +24,9 @@ class StepLog:
   """
 
   def __init__(self, spec: StageSpec, total: int, images_per_step: int, every: int,
-               global_offset: int, log: Callable[[str], None], metrics_log: progress.MetricsLogger):
-    self.spec, self.total, self.every = spec, total, every
+               global_offset: int, log: Callable[[str], None], metrics_log: progress.MetricsLogger,
+               members: population.MemberAxis | None = None):
+    self.spec, self.total, self.every, self.members = spec, total, every, members
     self.images_per_step, self.global_offset = images_per_step, global_offset
     self.log, self.metrics_log = log, metrics_log
     self.pending: list[tuple[int, dict]] = []
@@ -47,8 +48,13 @@ class StepLog:
     for s, m in fetched:
       for term, value in m.items():
         if not np.all(np.isfinite(value)):
+          whose = ""
+          if self.members is not None and self.members.is_population:
+            # Name the member(s) by seed and swept settings: the others are fine.
+            bad = self.members.nonfinite_members(np.isfinite(value))
+            whose = f" of member {'; '.join(m.describe() for m in bad)}"
           raise NonFiniteLossError(
-              f"non-finite loss term '{term}' in stage {stage} at step {s} "
+              f"non-finite loss term '{term}'{whose} in stage {stage} at step {s} "
               f"(global step {self.global_offset + s}); stopping. The last good checkpoint is "
               "kept; lower the learning rate or set --config.optim.grad_clip_norm")
     terms = {t: float(np.mean(v)) for t, v in fetched[-1][1].items()}

@@ -11,6 +11,12 @@ report.png.
 Everything a resume needs is in the checkpoint: every model's state and the
 run position (stage, step). Data order and step keys are pure functions of
 (seed, stage, step), so a resumed run repeats the uninterrupted one exactly.
+
+A population (``config.seeds``, ``config.sweep``; ``masc_jax.population``) runs
+through the same code: every model, batch and key carries a leading member axis
+``[P, ...]``, each stage's step is mapped over it (``society.members.map``) with
+the swept settings as per-member arrays, and the results are each member's plus
+their statistics. A plain run has no member axis.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import ml_collections
 import numpy as np
 
 from masc_jax import (agents, augment, batches, checkpointing, config_lib, data, evaluation,
-                      faults, models, paths, plots, progress, protocol, reporting, routing,
-                      sharding, stages, workdir as workdir_lib)
+                      faults, models, paths, plots, population, population_report,
+                      population_stats, progress, protocol, reporting, routing,
+                      routing_diagnostics, sharding, stages, workdir as workdir_lib)
 from masc_jax.step_log import NonFiniteLossError, StepLog
 from masc_jax.protocol import StageSpec
 
@@ -58,10 +65,17 @@ class Society:
   train_labels: jax.Array        # [N] int32
   test_images: jax.Array
   strategy: str
+  members: population.MemberAxis  # the population (one member: a plain run, no member axis)
 
   @property
   def num_agents(self) -> int:
     return self.class_groups.num_agents
+
+  def with_settings(self, settings: dict[str, Any]) -> Society:
+    """This society with swept settings (floats, or one member's traced values) in its config."""
+    if not settings:
+      return self
+    return dataclasses.replace(self, config=population.with_settings(self.config, settings))
 
   def batches_of(self, spec: StageSpec) -> batches.AgentBatches | batches.PooledBatches:
     return self.agent_batches if spec.batches == protocol.PER_AGENT else self.pooled_batches
@@ -70,8 +84,9 @@ class Society:
     return self.batches_of(spec).steps_per_epoch * self.config.epochs[spec.epochs]
 
   def images_per_step(self, spec: StageSpec) -> int:
+    """Images one step consumes, over every agent and member."""
     per_agent = spec.batches == protocol.PER_AGENT
-    return self.config.batch_size * (self.num_agents if per_agent else 1)
+    return self.config.batch_size * (self.num_agents if per_agent else 1) * self.members.size
 
 
 def build_society(config: ml_collections.ConfigDict) -> Society:
@@ -86,7 +101,9 @@ def build_society(config: ml_collections.ConfigDict) -> Society:
   per_agent = batches.agent_indices(dataset.train_labels, groups)
   pooled = np.sort(np.concatenate(per_agent))
   config_lib.check_against_data(config, [len(ix) for ix in per_agent], len(pooled))
-  mesh = sharding.make_mesh(config.num_agents, config.num_devices, config.agent_axis_size)
+  members = population.MemberAxis(population.members_of(config), config.member_map)
+  mesh = sharding.make_mesh(config.num_agents, config.num_devices, config.agent_axis_size,
+                            num_members=members.size)
 
   expert = models.make_network(config.model, dataset.num_classes, config.model.expert_widths)
   collective = models.make_network(config.model, dataset.num_classes,
@@ -96,13 +113,15 @@ def build_society(config: ml_collections.ConfigDict) -> Society:
       config=config, dataset=dataset, class_groups=groups, mesh=mesh,
       expert_network=expert, collective_network=collective,
       backbone=models.backbone_of(collective), head=models.head_of(collective),
-      # Distinct data streams per batch kind, all from the run seed.
-      agent_batches=batches.AgentBatches(per_agent, config.batch_size, seed=config.seed),
-      pooled_batches=batches.PooledBatches(pooled, config.batch_size, seed=config.seed),
+      # Distinct data streams per batch kind, all from the member's seed.
+      agent_batches=members.batches(
+          lambda m: batches.AgentBatches(per_agent, config.batch_size, seed=m.seed)),
+      pooled_batches=members.batches(
+          lambda m: batches.PooledBatches(pooled, config.batch_size, seed=m.seed)),
       train_images=jax.device_put(dataset.train_images, rep),
       train_labels=jax.device_put(dataset.train_labels.astype(np.int32), rep),
       test_images=jax.device_put(dataset.test_images, rep),
-      strategy=agents.resolve_strategy(config.agent_map))
+      strategy=agents.resolve_strategy(config.agent_map), members=members)
 
 
 # ----------------------------------------------------------------------------- state
@@ -142,10 +161,22 @@ def init_run_state(society: Society, rng: jax.Array) -> dict[str, stages.ModelSt
   return {spec.name: init[spec.model] for spec in protocol.stages_for(config)}
 
 
+def init_population_state(society: Society, init_keys: jax.Array) -> dict[str, stages.ModelState]:
+  """``init_run_state`` of every member (``init_keys [P]``), stacked ``[P, ...]``.
+
+  Each member starts from its own key with its own settings (a swept momentum
+  keeps a momentum trace in every member's optimiser state).
+  """
+  members = society.members
+  return members.map(lambda key, settings: init_run_state(society.with_settings(settings), key))(
+      init_keys, members.hparams())
+
+
 def state_shardings(society: Society, abstract_state: PyTree) -> PyTree:
-  """Stacked models along the agent axis; the collectives replicated."""
-  mesh = society.mesh
-  placement = {protocol.STACKED: sharding.stacked(mesh), protocol.REPLICATED: sharding.replicated(mesh)}
+  """Stacked models along the agent axis; the collectives replicated (members split)."""
+  mesh, pop = society.mesh, society.members.is_population
+  placement = {protocol.STACKED: sharding.stacked(mesh, pop),
+               protocol.REPLICATED: sharding.replicated(mesh, pop)}
   return {name: sharding.tree_sharding(tree, placement[protocol.BY_NAME[name].sharding])
           for name, tree in abstract_state.items()}
 
@@ -156,7 +187,7 @@ def state_shardings(society: Society, abstract_state: PyTree) -> PyTree:
 def batch_source(society: Society, spec: StageSpec) -> Callable[[int], dict[str, jax.Array]]:
   """``step -> batch`` on device, gathered from the resident uint8 images."""
   place = sharding.agent_batch if spec.batches == protocol.PER_AGENT else sharding.pooled_batch
-  batch_sharding = place(society.mesh, society.config.batch_size)
+  batch_sharding = place(society.mesh, society.config.batch_size, society.members.is_population)
   indices = society.batches_of(spec).indices
 
   @functools.partial(jax.jit, out_shardings=batch_sharding)
@@ -171,28 +202,48 @@ def compile_stage(society: Society, spec: StageSpec, state: dict[str, stages.Mod
   """The stage's step, jit-compiled ahead of time for the mesh.
 
   Returns ``(compiled, frozen, get_batch)``: call ``compiled(state[spec.name],
-  get_batch(step), jax.random.fold_in(stage_key, step), frozen)``. The trained
+  get_batch(step), members.fold_in(stage_key, step), frozen)``. The trained
   state is donated, and constrained to keep its sharding (stacked along the
-  agent axis, or replicated for a collective).
+  agent axis, or replicated for a collective). A population's step maps the
+  member step over the member axis, with the swept settings bound as arrays.
   """
+  members = society.members
   get_batch = batch_source(society, spec)
-  step_fn = spec.make_step(society, spec)
   shardings = state_shardings(society, {spec.name: state[spec.name]})[spec.name]
 
+  def member_step(model_state, batch, rng, frozen, settings):
+    # Built inside the trace: a swept setting is a traced value of this member.
+    return spec.make_step(society.with_settings(settings), spec)(model_state, batch, rng, frozen)
+
+  step_fn = members.map(member_step)
   replicated = sharding.replicated(society.mesh)
 
-  def constrained(model_state, batch, rng, frozen):
-    new_state, metrics = step_fn(model_state, batch, rng, frozen)
+  def constrained(model_state, batch, rng, frozen, hparams):
+    new_state, metrics = step_fn(model_state, batch, rng, frozen, hparams)
     # Metrics replicated: a few numbers, and every process of a multi-process run
     # must be able to read them for the log and the NaN check.
     return (jax.lax.with_sharding_constraint(new_state, shardings),
             jax.lax.with_sharding_constraint(metrics, replicated))
 
-  frozen = spec.frozen(society, spec, state)
+  frozen = frozen_inputs(society, spec, state)
+  hparams = jax.device_put(members.hparams(), replicated)
   jitted = jax.jit(constrained, donate_argnums=(0,))
   compiled = jitted.lower(state[spec.name], get_batch(start_step),
-                          jax.random.fold_in(stage_key, start_step), frozen).compile()
-  return compiled, frozen, get_batch
+                          members.fold_in(stage_key, start_step), frozen, hparams).compile()
+  return (lambda model_state, batch, rng, frozen: compiled(model_state, batch, rng, frozen, hparams),
+          frozen, get_batch)
+
+
+def frozen_inputs(society: Society, spec: StageSpec, state: dict[str, stages.ModelState]) -> PyTree:
+  """The frozen models ``spec``'s step reads, for every member.
+
+  Whether a loss reads its teachers can depend on a swept weight (a KD weight
+  of 0): take the teachers if any member's settings use them (a weight of 0
+  then multiplies them away).
+  """
+  candidates = [spec.frozen(society.with_settings(settings), spec, state)
+                for settings in society.members.distinct_settings()]
+  return max(candidates, key=lambda frozen: len(jax.tree.leaves(frozen)))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -221,27 +272,32 @@ class Run:
                                                    self.config.keep_checkpoints)
     self.metrics_log = progress.MetricsLogger(paths.join(workdir, "metrics.jsonl"),
                                               enabled=self.is_writer)
-    self.init_key, self.train_key = jax.random.split(jax.random.key(self.config.seed))
-    self._finite = jax.jit(_all_finite)
+    self.members = society.members
+    keys = self.members.keys(lambda seed: jax.random.split(jax.random.key(seed)))   # [(P,) 2]
+    self.init_key, self.train_key = keys[..., 0], keys[..., 1]
+    self._finite = jax.jit(self.members.map(_all_finite))      # [P] for a population
 
   # -- state and checkpoints
 
   def restore_or_init(self) -> tuple[dict, dict]:
-    abstract = jax.eval_shape(lambda: init_run_state(self.society, self.init_key))
+    init = functools.partial(init_population_state, self.society, self.init_key)
+    abstract = jax.eval_shape(init)
     shardings = state_shardings(self.society, abstract)
     restored = self.checkpointer.restore_latest_good(abstract, shardings, log=self.log)
     if restored is None:
-      state = jax.jit(lambda: init_run_state(self.society, self.init_key),
-                      out_shardings=shardings)()
+      state = jax.jit(init, out_shardings=shardings)()
       return state, {"stage": self.names[0], "stage_step": 0, "stage_results": {}, "timings": {}}
     step, state, meta = restored
     self.log(f"resumed from checkpoint {step}: stage {meta['stage']}, step {meta['stage_step']}")
     return state, meta
 
   def save(self, state: dict, meta: dict) -> None:
-    if not bool(self._finite(state)):
+    bad = self.members.nonfinite_members(jax.device_get(self._finite(state)))
+    if bad:
+      whose = (f" of {'; '.join(m.describe() for m in bad)}" if self.members.is_population
+               else "")
       raise NonFiniteLossError(
-          f"refusing to checkpoint non-finite parameters in stage {meta['stage']} at step "
+          f"refusing to checkpoint non-finite parameters{whose} in stage {meta['stage']} at step "
           f"{meta['stage_step']}; the last good checkpoint is kept")
     self.checkpointer.save(self.offsets[meta["stage"]] + meta["stage_step"], state, meta)
 
@@ -263,7 +319,7 @@ class Run:
                   sigterm: workdir_lib.SigtermFlag) -> dict:
     society, config, name = self.society, self.config, spec.name
     total, start = society.total_steps(spec), meta["stage_step"]
-    stage_key = jax.random.fold_in(self.train_key, self.names.index(name))
+    stage_key = self.members.fold_in(self.train_key, self.names.index(name))
     t0 = time.perf_counter()
     compiled, frozen, get_batch = compile_stage(society, spec, state, start, stage_key)
     compile_s = time.perf_counter() - t0
@@ -275,7 +331,7 @@ class Run:
              f"{society.images_per_step(spec)} images per step); compiled in {compile_s:.1f}s"
              + (f"; resuming at step {start}" if start else ""))
     step_log = StepLog(spec, total, society.images_per_step(spec), config.log_every_steps,
-                       self.offsets[name], self.log, self.metrics_log)
+                       self.offsets[name], self.log, self.metrics_log, self.members)
     model_state = state[name]
     t_start = time.perf_counter()
     for step in range(start, total):
@@ -284,7 +340,7 @@ class Run:
         model_state = model_state.replace(
             params=jax.tree.map(lambda p: p * jnp.nan, model_state.params))
       model_state, metrics = compiled(model_state, get_batch(step),
-                                      jax.random.fold_in(stage_key, step), frozen)
+                                      self.members.fold_in(stage_key, step), frozen)
       step_log.add(step, metrics)
       done = step + 1
       faults.reach("step", name)
@@ -305,27 +361,38 @@ class Run:
 
   # -- evaluation
 
-  def evaluate(self, state: dict, upto: str) -> dict:
-    """Results of every row whose models are trained (stages up to ``upto``)."""
-    society, ds = self.society, self.society.dataset
+  def evaluate(self, state: dict, upto: str) -> list[dict]:
+    """Each member's results of every row whose models are trained (stages up to ``upto``)."""
+    society, ds, members = self.society, self.society.dataset, self.members
     trained = self.specs if upto == DONE else self.specs[: self.names.index(upto) + 1]
     variables = {spec.variables_key: state[spec.name].variables() for spec in trained}
     normalize = functools.partial(augment.normalize, mean=ds.mean, std=ds.std)
-    predict = jax.jit(lambda variables, images: protocol.predict_rows(
-        society, trained, variables, images, normalize),
+
+    # One member at a time, with the single run's program: a member's routing
+    # decisions sit on a knife's edge, and an eval program that fuses P members
+    # rounds the free energies differently. Evaluation is a small part of a run.
+    predict = jax.jit(lambda variables, settings, images: protocol.predict_rows(
+        society.with_settings(settings), trained, variables, images, normalize),
                       out_shardings=sharding.replicated(society.mesh))   # read on every process
-    predictions = evaluation.predict_all(predict, variables, society.test_images,
-                                         len(ds.test_labels), self.config.eval_batch_size)
+    results = []
+    for index, member in enumerate(members.members):
+      member_variables = (jax.tree.map(lambda x: x[index], variables) if members.is_population
+                          else variables)
+      settings = dict(member.settings)
+      predictions = evaluation.predict_all(
+          lambda v, images: predict(v, settings, images), member_variables, society.test_images,
+          len(ds.test_labels), self.config.eval_batch_size)
+      results.append(evaluation.results_from_predictions(
+          predictions, ds.test_labels, society.class_groups.groups,
+          rows=[row for spec in trained for row in spec.rows],
+          collectives=[spec.collective for spec in trained if spec.collective]))
     faults.reach("evaluated", upto)
-    return evaluation.results_from_predictions(
-        predictions, ds.test_labels, society.class_groups.groups,
-        rows=[row for spec in trained for row in spec.rows],
-        collectives=[spec.collective for spec in trained if spec.collective])
+    return results
 
   def finish_stage(self, spec: StageSpec, state: dict, meta: dict) -> dict:
     """Evaluate the rows trained so far, log the stage's summary, move the position on."""
-    summary = self.evaluate(state, spec.name)
-    meta["stage_results"][spec.name] = stage_summary(spec, summary)
+    member_results = self.evaluate(state, spec.name)
+    meta["stage_results"][spec.name] = stage_summary(spec, member_results)
     timing = meta["timings"][spec.name]
     self.log(progress.stage_summary_line(spec.name, timing["steps"], timing["train_s"],
                                          timing["compile_s"], meta["stage_results"][spec.name]))
@@ -334,11 +401,24 @@ class Run:
     meta = {**meta, "stage": self.names[position] if position < len(self.names) else DONE,
             "stage_step": 0}
     if meta["stage"] == DONE:
-      rule, _ = routing.settings_from_config(self.config)
-      meta["results"] = {**summary, "timings": meta["timings"], "stages": list(self.names),
-                         "routing": rule, "routing_margin": self.config.routing_margin,
-                         "config": json.loads(self.config.to_json())}
+      meta["results"] = self.final_results(member_results, meta["timings"])
     return meta
+
+  def final_results(self, member_results: list[dict], timings: dict) -> dict:
+    """A plain run's results, or a population's: every member's and their statistics."""
+    rule, _ = routing.settings_from_config(self.config)
+    common = {"timings": timings, "stages": list(self.names), "routing": rule,
+              "routing_margin": self.config.routing_margin,
+              "config": json.loads(self.config.to_json())}
+    if not self.members.is_population:
+      return {**member_results[0], **common}
+    described = {"members": [m.as_dict() for m in self.members.members],
+                 "swept": list(self.members.swept)}
+    results = {"population": described, "members": member_results,
+               "aggregate": population_stats.aggregate(member_results), **common}
+    if self.members.swept:
+      results["sweep"] = population_stats.sweep_summary(described, member_results)
+    return results
 
   # -- the whole run
 
@@ -367,28 +447,52 @@ class Run:
     return meta["results"]
 
   def report(self, results: dict, only_missing: bool = False) -> None:
-    """results.json, results.md, report.png (process 0), and the table on the console."""
+    """results.json, results.md and the figures (process 0), and the table on the console.
+
+    Figures: report.png; routing.png (free energies of each grown agent's head
+    and S; a population's first member); sweep.png for a sweep.
+    """
+    is_population = "population" in results
+    first = results["members"][0] if is_population else results
+    figures = {"report.png": (population_report.plot_population_report if is_population
+                              else plots.plot_report, results)}
+    if first.get("routing_diagnostics"):
+      title = (f"routing of member {self.members.members[0].describe()}" if is_population
+               else "")
+      figures["routing.png"] = (functools.partial(routing_diagnostics.plot_energy_histograms,
+                                                  title=title), first["routing_diagnostics"])
+    if "sweep" in results:
+      figures["sweep.png"] = (population_report.plot_sweep, results)
     if self.is_writer:
-      files = [paths.join(self.workdir, name)
-               for name in ("results.json", "results.md", "report.png")]
+      files = [paths.join(self.workdir, name) for name in ("results.json", "results.md", *figures)]
       if not (only_missing and all(map(paths.exists, files))):
-        reporting.write_results(self.workdir, results)
-        plots.plot_report(results, files[-1])
-    self.log(reporting.results_markdown(results))
+        write = (population_report.write_population_results if is_population
+                 else reporting.write_results)
+        write(self.workdir, results)
+        for name, (plot, data) in figures.items():
+          plot(data, paths.join(self.workdir, name))
+    self.log(population_report.population_markdown(results) if is_population
+             else reporting.results_markdown(results))
 
   def close(self) -> None:
     self.checkpointer.close()
     self.metrics_log.close()
 
 
-def stage_summary(spec: StageSpec, results: dict) -> dict[str, float]:
-  """A few numbers for the stage-end line: its collective's accuracy, or its row's means."""
-  if spec.collective:
-    return {"collective_acc": float(results["collective_accuracy"][spec.collective])}
-  row = spec.rows[0]
-  r = results["rows"][row]
-  return {"expert": float(np.mean(r["expert"])), "general": float(np.mean(r["general"])),
-          "society": float(results["society_accuracy"].get(row, float("nan")))}
+def stage_summary(spec: StageSpec, member_results: list[dict]) -> dict[str, float]:
+  """A few numbers for the stage-end line: its collective's accuracy, or its row's means.
+
+  For a population, the mean over members.
+  """
+  def one(results):
+    if spec.collective:
+      return {"collective_acc": float(results["collective_accuracy"][spec.collective])}
+    r = results["rows"][spec.rows[0]]
+    return {"expert": float(np.mean(r["expert"])), "general": float(np.mean(r["general"])),
+            "society": float(results["society_accuracy"].get(spec.rows[0], float("nan")))}
+
+  summaries = [one(results) for results in member_results]
+  return {key: float(np.mean([s[key] for s in summaries])) for key in summaries[0]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

@@ -31,7 +31,7 @@ from masc_jax import multihost, paths
 # run saved on 4 devices may resume on 1.
 RESULT_NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                          "data_dir", "debug_nan_step", "num_devices", "agent_axis_size",
-                         "agent_map")
+                         "agent_map", "member_map")
 
 
 class WorkdirError(RuntimeError):

@@ -73,7 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.routing_margin = 0.0          # energy_margin: S (or the lowest agent) keeps ties within it
 
   # Execution.
-  config.seed = 0
+  config.seed = 0                      # a single run's seed (config.seeds: a population)
+  # Populations (masc_jax.population): seeds trained together, crossed with a grid of
+  # shape-keeping settings, e.g. seeds="0,1,2,3,4",
+  # sweep="loss.align_weight=0.05,0.1;optim.learning_rate=0.01,0.05". "" = one run.
+  config.seeds = ""
+  config.sweep = ""
+  config.member_map = "auto"           # auto | vmap | unroll: how the member axis is mapped
   config.agent_map = "auto"            # auto | vmap | unroll
   config.num_devices = 0               # 0: every visible device
   config.agent_axis_size = 0           # devices along the mesh's agent axis; 0: largest that divides K

@@ -1,0 +1,245 @@
+"""Populations: several societies trained together, one per seed and sweep setting.
+
+``--config.seeds=0,1,2,3,4`` trains P societies, each with its own
+initialisation and data order; ``--config.sweep='loss.align_weight=0.05,0.1;
+optim.learning_rate=0.01,0.05'`` crosses a grid of numeric settings with the
+seeds. Every model then carries a leading *member* axis ``[P, ...]`` and each
+stage compiles one step for all members: the swept values are per-member
+arrays inside that step (``hparams``), so one compile serves the whole grid.
+
+Member p computes what a single run of ``member_config(config, members[p])``
+computes. A population of one (one seed, no sweep) is that plain run, with no
+member axis at all.
+
+    members = members_of(config)        # grid x seeds, in that order
+    axis = MemberAxis(members, strategy="vmap")
+    step = axis.map(one_member_step)    # [P, ...] state, batch, keys, hparams
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from masc_jax import agents
+
+PyTree = Any
+
+# Numeric settings that keep every array shape: a grid over them shares one
+# compiled step (their values are traced, per-member arrays).
+SWEEPABLE = ("loss.kd_weight", "loss.ra_kd_weight", "loss.kd_temperature", "loss.align_weight",
+             "loss.energy_anchor", "loss.energy_temperature", "optim.learning_rate",
+             "optim.momentum", "optim.weight_decay")
+# Settings that change shapes or step counts: members could not share a step.
+SHAPE_CHANGING = ("model.", "num_agents", "batch_size", "eval_batch_size", "dataset", "epochs.")
+
+MEMBER_MAP_STRATEGIES = ("auto", "vmap", "unroll")
+
+
+class PopulationError(ValueError):
+  """A seed list or sweep that cannot be trained."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One society of a population: its seed and its swept settings (field -> value)."""
+  seed: int
+  settings: tuple[tuple[str, float], ...] = ()
+
+  def describe(self) -> str:
+    """``seed 3, loss.align_weight=0.2`` (names the member in logs and errors)."""
+    return ", ".join([f"seed {self.seed}"] + [f"{k}={v:g}" for k, v in self.settings])
+
+  def as_dict(self) -> dict[str, Any]:
+    return {"seed": self.seed, "settings": dict(self.settings)}
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+  """``"0,1,2"`` -> ``(0, 1, 2)``; ``""`` -> ``()``."""
+  if not text.strip():
+    return ()
+  seeds = []
+  for part in text.split(","):
+    part = part.strip()
+    if not part.isdigit():
+      raise PopulationError(f"seeds must be comma-separated integers >= 0, got {text!r}")
+    seeds.append(int(part))
+  repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+  if repeated:
+    raise PopulationError(f"seeds lists seed {repeated[0]} twice ({text!r}): members would be "
+                          "identical")
+  return tuple(seeds)
+
+
+def parse_sweep(text: str) -> tuple[tuple[str, tuple[float, ...]], ...]:
+  """``"loss.align_weight=0.05,0.1;optim.momentum=0,0.9"`` -> ((field, values), ...)."""
+  grid = []
+  for part in filter(None, (p.strip() for p in text.split(";"))):
+    field, eq, values = part.partition("=")
+    field = field.strip()
+    if not eq or not field or not values.strip():
+      raise PopulationError(f"sweep entries are FIELD=V1,V2,... separated by ';', got {part!r}")
+    if field.startswith(SHAPE_CHANGING) or field in SHAPE_CHANGING:
+      raise PopulationError(
+          f"cannot sweep {field}: it changes array shapes or step counts, so the members "
+          "could not share one compiled step; run one config per value instead")
+    if field not in SWEEPABLE:
+      raise PopulationError(f"cannot sweep {field}; sweepable settings: {', '.join(SWEEPABLE)}")
+    if field in dict(grid):
+      raise PopulationError(f"sweep names {field} twice")
+    try:
+      parsed = tuple(float(v) for v in values.split(","))
+    except ValueError:
+      raise PopulationError(f"sweep values of {field} must be numbers, got {values!r}") from None
+    if not all(map(math.isfinite, parsed)):
+      raise PopulationError(f"sweep values of {field} must be finite, got {values!r}")
+    if len(set(parsed)) != len(parsed):
+      raise PopulationError(f"sweep lists a value of {field} twice ({values!r})")
+    grid.append((field, parsed))
+  return tuple(grid)
+
+
+def members_of(config: ml_collections.ConfigDict) -> tuple[Member, ...]:
+  """The population ``config`` trains: every sweep setting crossed with every seed.
+
+  Order: settings in grid order (the first field varies slowest), then seeds.
+  Without ``config.seeds`` the one seed is ``config.seed``.
+  """
+  seeds = parse_seeds(config.seeds)
+  if seeds and config.seed != 0:
+    raise PopulationError(
+        f"seed={config.seed} is for a single run but this config trains seeds {config.seeds} "
+        f"(config.seeds): pass --config.seeds={config.seed} for one seed")
+  grid = parse_sweep(config.sweep)
+  fields = [field for field, _ in grid]
+  settings = [tuple(zip(fields, values)) for values in itertools.product(*(v for _, v in grid))]
+  return tuple(Member(seed, s) for s in settings for seed in (seeds or (config.seed,)))
+
+
+def with_settings(config: ml_collections.ConfigDict,
+                  values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with dotted fields set to ``values`` (floats or traced arrays)."""
+  if not values:
+    return config
+  out = copy.deepcopy(config)
+  with out.ignore_type():      # traced arrays in float fields, inside a compiled step
+    for field, value in values.items():
+      section, name = field.rsplit(".", 1)
+      out[section][name] = value
+  return out
+
+
+def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_collections.ConfigDict:
+  """The single-run config member ``member`` of ``config``'s population computes."""
+  out = with_settings(config, dict(member.settings))
+  if out is config:
+    out = copy.deepcopy(config)
+  out.seed, out.seeds, out.sweep = member.seed, "", ""
+  return out
+
+
+def resolve_member_map(strategy: str, backend: str | None = None) -> str:
+  """``auto`` -> ``vmap`` or ``unroll`` for the backend (BUILD_NOTES.md "Populations")."""
+  if strategy not in MEMBER_MAP_STRATEGIES:
+    raise ValueError(f"member_map must be one of {MEMBER_MAP_STRATEGIES}, got {strategy!r}")
+  if strategy != "auto":
+    return strategy
+  # On TPU/GPU one batched program keeps the device full. On XLA:CPU a vmapped
+  # convolution with per-member kernels becomes a grouped convolution, slow at
+  # CIFAR widths, but the P unrolled copies multiply the compile time.
+  del backend
+  return "vmap"
+
+
+class MemberAxis:
+  """The leading member axis of a population, or no axis for a plain run.
+
+  Code written against this class runs both: ``map(fn)`` maps ``fn`` over the
+  member axis of its arguments (``vmap`` or unrolled copies), or calls it
+  directly for a plain run; ``keys``/``stack`` build the per-member inputs.
+  """
+
+  def __init__(self, members: Sequence[Member], strategy: str = "auto"):
+    if not members:
+      raise ValueError("a population needs at least one member")
+    self.members = tuple(members)
+    self.strategy = resolve_member_map(strategy)
+    self.swept = tuple(field for field, _ in self.members[0].settings)
+
+  @property
+  def size(self) -> int:
+    return len(self.members)
+
+  @property
+  def is_population(self) -> bool:
+    """Whether arrays carry a member axis (more than one member)."""
+    return self.size > 1
+
+  def hparams(self) -> dict[str, Any]:
+    """Swept field -> ``[P]`` float32 values (``{}`` without a sweep; plain run: floats)."""
+    if not self.is_population:
+      return dict(self.members[0].settings)
+    return {field: np.asarray([dict(m.settings)[field] for m in self.members], np.float32)
+            for field in self.swept}
+
+  def distinct_settings(self) -> list[dict[str, float]]:
+    """Each swept setting once, in member order."""
+    return [dict(s) for s in dict.fromkeys(m.settings for m in self.members)]
+
+  def batches(self, make: Callable[[Member], Any]) -> Any:
+    """``make(member)`` (a batch order, ``batches.AgentBatches`` or ``PooledBatches``) per member.
+
+    Plain run: the one order. Population: one whose ``indices(step)`` stacks the
+    members' indices ``[P, ...]``.
+    """
+    orders = [make(m) for m in self.members]
+    return orders[0] if not self.is_population else StackedBatches(orders)
+
+  def fold_in(self, keys: jax.Array, data: int) -> jax.Array:
+    """``jax.random.fold_in`` of every member's key (``[P]`` keys, or one)."""
+    if not self.is_population:
+      return jax.random.fold_in(keys, data)
+    return _fold_in_members(keys, data)
+
+  def keys(self, make: Callable[[int], jax.Array]) -> jax.Array:
+    """``make(seed)`` per member: a ``[P]`` key array (plain run: one key)."""
+    keys = [make(m.seed) for m in self.members]
+    return jax.numpy.stack(keys) if self.is_population else keys[0]
+
+  def map(self, fn: Callable[..., Any], in_axes: int | None | Sequence[int | None] = 0
+          ) -> Callable[..., Any]:
+    """``fn`` over the member axis (``in_axes`` as in ``jax.vmap``); a plain run calls ``fn``."""
+    if not self.is_population:
+      return fn
+    return agents.agent_map(fn, in_axes=in_axes, strategy=self.strategy)
+
+  def nonfinite_members(self, finite: np.ndarray) -> list[Member]:
+    """The members whose entry of ``finite`` (``[P, ...]`` bool, or a scalar) is false."""
+    finite = np.asarray(finite)
+    if not self.is_population:
+      return [] if finite.all() else [self.members[0]]
+    flat = finite.reshape(self.size, -1).all(axis=1)
+    return [m for m, ok in zip(self.members, flat) if not ok]
+
+
+_fold_in_members = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+
+
+class StackedBatches:
+  """The members' batch orders as one: ``indices(step)`` is ``[P, ...]``."""
+
+  def __init__(self, orders: Sequence[Any]):
+    self.orders = tuple(orders)
+    self.steps_per_epoch = self.orders[0].steps_per_epoch
+    self.batch_size = self.orders[0].batch_size
+
+  def indices(self, step: int) -> np.ndarray:
+    return np.stack([order.indices(step) for order in self.orders])

@@ -1,0 +1,184 @@
+"""Populations: member p of a population computes what the single run of its seed and settings does.
+
+The reference for every member is an ordinary single run (``--config.seeds=``
+one seed, the swept values set as plain config values), computed separately.
+"""
+
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from masc_jax import config_lib, population, protocol, train, workdir as workdir_lib
+from masc_jax.step_log import NonFiniteLossError
+from conftest import run_main
+
+# Two seeds crossed with two values of a swept loss weight: P = 4.
+POPULATION = ["ablations=False", "seeds=3,5", "sweep=loss.align_weight=0.1,0.3"]
+def single_config(member: population.Member):
+  overrides = ["ablations=False", f"seeds={member.seed}"]
+  overrides += [f"{field}={value}" for field, value in member.settings]
+  return config_lib.load_config("tiny", overrides)
+
+
+@pytest.fixture(scope="module")
+def trained_population(tmp_path_factory):
+  """The tiny population through every stage: ``(workdir, results, final state)``."""
+  workdir = str(tmp_path_factory.mktemp("population"))
+  config = config_lib.load_config("tiny", POPULATION)
+  run = train.Run(train.build_society(config), workdir, log=lambda _: None)
+  try:
+    results = run.run()
+  finally:
+    run.close()
+  return workdir, results, run.state
+
+
+def test_members_are_the_grid_crossed_with_the_seeds():
+  config = config_lib.load_config("tiny", POPULATION)
+  members = population.members_of(config)
+  assert [(m.seed, dict(m.settings)) for m in members] == [
+      (3, {"loss.align_weight": 0.1}), (5, {"loss.align_weight": 0.1}),
+      (3, {"loss.align_weight": 0.3}), (5, {"loss.align_weight": 0.3})]
+  single = population.member_config(config, members[2])
+  assert (single.seed, single.seeds, single.sweep, single.loss.align_weight) == (3, "", "", 0.3)
+  # One seed and no sweep is the plain run: no member axis.
+  plain = population.MemberAxis(population.members_of(single_config(members[2])))
+  assert not plain.is_population and plain.members[0].seed == 3
+
+
+def three_steps_per_stage(society, state, keys, num_steps=3):
+  """Every stage's first steps from ``state``; the final states and the losses."""
+  names = protocol.stage_names(society.config)
+  members = society.members
+  losses = {}
+  for stage in names:
+    stage_key = members.fold_in(keys, names.index(stage))
+    compiled, frozen, get_batch = train.compile_stage(society, protocol.BY_NAME[stage], state, 0,
+                                                      stage_key)
+    model_state = state[stage]
+    losses[stage] = []
+    for step in range(num_steps):
+      model_state, metrics = compiled(model_state, get_batch(step),
+                                      members.fold_in(stage_key, step), frozen)
+      losses[stage].append(np.asarray(metrics["total"]))
+    state = {**state, stage: model_state}
+  return state, losses
+
+
+def initial_state(society):
+  run = train.Run(society, "/nonexistent-unused", log=lambda _: None)
+  try:
+    return jax.jit(lambda: train.init_population_state(society, run.init_key))(), run.train_key
+  finally:
+    run.close()
+
+
+@pytest.fixture(scope="module")
+def single_runs_three_steps():
+  """Members 0 and 3 of the population as single runs: three steps of every stage."""
+  members = population.members_of(config_lib.load_config("tiny", POPULATION))
+  out = {}
+  for p in (0, 3):
+    society = train.build_society(single_config(members[p]))
+    out[p] = three_steps_per_stage(society, *initial_state(society))
+  return out
+
+
+@pytest.mark.parametrize("strategy", ["unroll", "vmap"])
+def test_members_match_their_single_runs_step_by_step(single_runs_three_steps, strategy):
+  """Each member's losses and parameters after three steps of every stage match its
+  single run's: identical where the computation is the same (the experts, which read
+  no swept setting, unrolled), else within float tolerance (a batched program, and
+  the swept weight a traced value, round differently)."""
+  config = config_lib.load_config("tiny", POPULATION + [f"member_map={strategy}"])
+  society = train.build_society(config)
+  assert society.members.strategy == strategy and society.members.size == 4
+  final, losses = three_steps_per_stage(society, *initial_state(society))
+  for p, (single_final, single_losses) in single_runs_three_steps.items():
+    for stage, values in single_losses.items():
+      got = [np.asarray(leaf) for leaf in
+             jax.tree.leaves(jax.tree.map(lambda x: x[p], final[stage].params))]
+      want = [np.asarray(leaf) for leaf in jax.tree.leaves(single_final[stage].params)]
+      if strategy == "unroll" and stage == "experts":
+        np.testing.assert_array_equal(np.stack(losses[stage])[:, p], np.stack(values))
+        for a, b in zip(got, want):
+          np.testing.assert_array_equal(a, b)
+        continue
+      np.testing.assert_allclose(np.stack(losses[stage])[:, p], np.stack(values),
+                                 rtol=2e-4, atol=1e-5, err_msg=stage)
+      for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5, err_msg=stage)
+
+
+@pytest.mark.parametrize("member_index", [1, 2])
+def test_a_members_evaluation_is_its_single_runs(trained_population, member_index):
+  """Given the same trained models, the population reports for member p exactly what a
+  single run of p's seed and settings reports (routing, diagnostics and all)."""
+  _, results, state = trained_population
+  member = population.members_of(config_lib.load_config("tiny", POPULATION))[member_index]
+  single = train.Run(train.build_society(single_config(member)), "/nonexistent-unused",
+                     log=lambda _: None)
+  try:
+    member_state = jax.tree.map(lambda x: x[member_index], state)
+    want = single.evaluate(member_state, train.DONE)[0]
+  finally:
+    single.close()
+  got = json.loads(json.dumps(results["members"][member_index]))
+  assert got == json.loads(json.dumps(want))
+  assert results["population"]["members"][member_index] == member.as_dict()
+
+
+def test_population_results_hold_every_member_and_their_statistics(trained_population):
+  workdir, results, _ = trained_population
+  assert len(results["members"]) == 4
+  general = [np.mean(m["rows"]["after_growth"]["general"]) for m in results["members"]]
+  summary = results["aggregate"]["rows"]["after_growth"]["general"]["mean"]
+  assert summary["n"] == 4
+  np.testing.assert_allclose(summary["mean"], np.mean(general), rtol=1e-9)
+  assert results["sweep"]["groups"][0]["settings"] == {"loss.align_weight": 0.1}
+  for name in ("results.json", "results.md", "report.png", "routing.png", "sweep.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+
+
+def test_a_killed_population_resumes_to_identical_results(trained_population, tmp_path):
+  workdir = str(tmp_path / "run")
+  args = ["--config=tiny", f"--workdir={workdir}"]
+  args += [f"--config.{o}" for o in POPULATION]
+  killed = run_main(args, env_extra={"MASC_FAULT": "KILL:step:collective:4"})
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  finished = run_main(args)
+  assert finished.returncode == 0, finished.stderr[-2000:]
+  assert "resumed from checkpoint" in finished.stdout
+  with open(os.path.join(workdir, "results.json")) as f:
+    got = json.load(f)
+  want = json.loads(json.dumps(trained_population[1], allow_nan=True))
+  assert got["members"] == want["members"]
+  assert got["aggregate"] == want["aggregate"]
+
+
+def test_a_diverging_member_is_named_with_its_seed_and_settings(tmp_path):
+  config = config_lib.load_config(
+      "tiny", ["ablations=False", "seeds=0,1", "sweep=optim.learning_rate=0.05,1e30"])
+  with pytest.raises(NonFiniteLossError) as raised:
+    train.train_and_evaluate(config, str(tmp_path), log=lambda _: None)
+  message = str(raised.value)
+  assert "optim.learning_rate=1e+30" in message and "stage experts" in message
+  assert "optim.learning_rate=0.05" not in message
+
+
+def test_a_changed_seed_list_or_sweep_is_a_config_change(tmp_path):
+  """The saved-config guard: another seed list or sweep is another run."""
+  saved = config_lib.load_config("tiny", ["seeds=0,1"])
+  with open(tmp_path / "config.json", "w") as f:
+    f.write(saved.to_json())
+  workdir_lib.check_workdir(config_lib.load_config("tiny", ["seeds=0,1", "member_map=unroll"]),
+                            str(tmp_path))                       # how members are mapped: same run
+  for overrides, diff in ((["seeds=0,2"], "seeds: saved '0,1', now '0,2'"),
+                          (["seeds=0,1", "sweep=loss.kd_weight=1,2"],
+                           "sweep: saved '', now 'loss.kd_weight=1,2'")):
+    with pytest.raises(workdir_lib.WorkdirError, match=re.escape(diff)):
+      workdir_lib.check_workdir(config_lib.load_config("tiny", overrides), str(tmp_path))
