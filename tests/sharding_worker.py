@@ -1,6 +1,6 @@
 """Run by tests/test_sharding.py in a subprocess with 8 forced CPU devices.
 
-Usage: python tests/sharding_worker.py steps|e2e|resume WORKDIR
+Usage: python tests/sharding_worker.py steps|population|e2e|partial WORKDIR
 Prints one JSON object on its last line.
 """
 
@@ -26,22 +26,23 @@ def society_on(num_devices, extra=()):
   return train.build_society(config)
 
 
-def stage_steps(num_devices, num_steps=3):
+def stage_steps(num_devices, num_steps=3, extra=()):
   """Three steps of every stage from the same initial state; losses and final states."""
-  society = society_on(num_devices)
+  society = society_on(num_devices, extra)
   names = protocol.stage_names(society.config)
-  init_key, train_key = jax.random.split(jax.random.key(society.config.seed))
-  abstract = jax.eval_shape(lambda: train.init_run_state(society, init_key))
-  state = jax.jit(lambda: train.init_run_state(society, init_key),
-                  out_shardings=train.state_shardings(society, abstract))()
+  members = society.members
+  keys = members.keys(lambda seed: jax.random.split(jax.random.key(seed)))
+  init_key, train_key = keys[..., 0], keys[..., 1]
+  init = lambda: train.init_population_state(society, init_key)
+  state = jax.jit(init, out_shardings=train.state_shardings(society, jax.eval_shape(init)))()
   losses, sharded = {}, {}
   for stage in names:
-    key = jax.random.fold_in(train_key, names.index(stage))
+    key = members.fold_in(train_key, names.index(stage))
     compiled, frozen, get_batch = train.compile_stage(society, protocol.BY_NAME[stage], state, 0, key)
     model_state = state[stage]
     totals = []
     for step in range(num_steps):
-      model_state, metrics = compiled(model_state, get_batch(step), jax.random.fold_in(key, step),
+      model_state, metrics = compiled(model_state, get_batch(step), members.fold_in(key, step),
                                       frozen)
       totals.append(np.asarray(metrics["total"]).tolist())
     state = {**state, stage: model_state}
@@ -61,6 +62,12 @@ def main():
   if mode == "steps":
     # Three devices: K=2 and the batch of 16 divide by neither, so the batches stay whole.
     out = {"one": stage_steps(1), "four": stage_steps(4), "three": stage_steps(3)}
+  elif mode == "population":
+    # Two members (a seed each): one device; 4 devices (members 2 x agents 2); 6 devices
+    # (members 2 x data 3, a batch of 16 that 3 does not divide).
+    seeds = NO_ABLATIONS + ["seeds=0,1"]
+    out = {"one": stage_steps(1, extra=seeds), "four": stage_steps(4, extra=seeds),
+           "six": stage_steps(6, extra=seeds)}
   elif mode == "e2e":
     extra = sys.argv[4:]       # e.g. agent_map=unroll: fields a resumed run may change
     config = config_lib.load_config("tiny", TINY_K2 + NO_ABLATIONS +

@@ -30,8 +30,8 @@ def stage_steps():
 def test_every_stage_step_sharded_over_4_devices_matches_one_device(stage_steps):
   out = stage_steps
   one, four = out["one"], out["four"]
-  assert one["mesh"] == {"agents": 1, "data": 1}
-  assert four["mesh"] == {"agents": 2, "data": 2}
+  assert one["mesh"] == {"members": 1, "agents": 1, "data": 1}
+  assert four["mesh"] == {"members": 1, "agents": 2, "data": 2}
   for stage, losses in one["losses"].items():
     np.testing.assert_allclose(four["losses"][stage], losses, rtol=1e-5, atol=1e-5, err_msg=stage)
     for a, b in zip(one["params"][stage], four["params"][stage]):
@@ -50,11 +50,30 @@ def test_device_counts_that_split_nothing_evenly_match_one_device(stage_steps):
   """3 devices, K=2, batch 16: no axis divides, the batches stay whole on every device."""
   out = stage_steps
   one, three = out["one"], out["three"]
-  assert three["mesh"] == {"agents": 1, "data": 3}
+  assert three["mesh"] == {"members": 1, "agents": 1, "data": 3}
   for stage, losses in one["losses"].items():
     np.testing.assert_allclose(three["losses"][stage], losses, rtol=1e-5, atol=1e-5, err_msg=stage)
     for a, b in zip(one["params"][stage], three["params"][stage]):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5, err_msg=stage)
+
+
+def test_population_members_spread_over_devices_match_one_device():
+  """Two members over 4 devices (one member per pair of devices) and over 6 (3 per
+  member, a batch that does not split): each member's steps match one device's."""
+  out = run_worker("population", "-")
+  one = out["one"]
+  assert out["four"]["mesh"] == {"members": 2, "agents": 2, "data": 1}
+  assert out["six"]["mesh"] == {"members": 2, "agents": 1, "data": 3}
+  for name in ("four", "six"):
+    for stage, losses in one["losses"].items():
+      np.testing.assert_allclose(out[name]["losses"][stage], losses, rtol=1e-5, atol=1e-5,
+                                 err_msg=f"{name} {stage}")
+      for a, b in zip(one["params"][stage], out[name]["params"][stage]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{name} {stage}")
+      placed = out[name]["sharded"][stage]
+      # The member axis is split: each device holds one member's slice.
+      assert placed["rows"] == 2 and placed["shard_rows"] == 1, (name, stage)
 
 
 def _close(a, b):
@@ -78,7 +97,7 @@ def test_end_to_end_on_4_devices_matches_1_device(one_device_results, tmp_path):
 def test_checkpoint_written_on_4_devices_resumes_on_1(one_device_results, tmp_path):
   """Saved on a 2x2 mesh after the experts stage; resumed on 1 device with another agent strategy."""
   saved = run_worker("partial", tmp_path)
-  assert saved["mesh"] == {"agents": 2, "data": 2}
+  assert saved["mesh"] == {"members": 1, "agents": 2, "data": 2}
   resumed = run_worker("e2e", tmp_path, 1, "agent_map=unroll")
   assert f"resumed from checkpoint {saved['global_step']}: stage collective, step 0" in resumed["log"]
   assert not any(line.startswith("[experts]") for line in resumed["log"])

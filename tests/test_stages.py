@@ -435,19 +435,39 @@ def test_stage_table_predictions(trained) -> None:
         cc = np.argmax(logits["cc"], -1)
         # CC only: every agent answers with S, and so does the society.
         expected.update(cc=cc, cc_only=np.broadcast_to(cc, (K, n)), society_cc_only=cc)
+    routed = {}
     if "heads" in present:
         grown = _np_grown(logits["cc"], logits["cc_heads"])
         expected.update(after_growth=np.argmax(grown, -1), society_after_growth=_np_route(grown))
+        routed["after_growth"] = _np_routing_outputs(logits["cc"], logits["cc_heads"])
     if "collective_ce" in present:
         grown = _np_grown(logits["ce"], logits["ce_heads"])
         expected.update(ce=np.argmax(logits["ce"], -1), ra_only=np.argmax(grown, -1),
                         society_ra_only=_np_route(grown))
+        routed["ra_only"] = _np_routing_outputs(logits["ce"], logits["ce_heads"])
+    # What each grown row's routing saw (the diagnostics' inputs), by another route.
+    for row, outputs in routed.items():
+        for name, value in outputs.items():
+            got = np.asarray(out.pop(f"routing/{row}/{name}"))
+            if name.endswith("energy"):
+                np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-5, err_msg=name)
+            else:
+                np.testing.assert_array_equal(got, value, err_msg=name)
     assert set(out) == set(expected)
     for key, value in expected.items():
         per_agent = key in ("before_growth", "after_growth", "ra_only", "cc_only")
         assert out[key].shape == ((K, n) if per_agent else (n,)), key
         assert jnp.issubdtype(out[key].dtype, jnp.integer), key
         np.testing.assert_array_equal(np.asarray(out[key]), value, err_msg=key)
+
+
+def _np_routing_outputs(s_logits, head_logits):
+    """Who answers (own head iff its free energy is strictly lower: ties go to S), each
+    model's argmax, and the free energies -logsumexp (temperature 1)."""
+    head_energy, s_energy = -_np_lse(head_logits), -_np_lse(s_logits)
+    return {"uses_head": head_energy < s_energy[None], "head_pred": np.argmax(head_logits, -1),
+            "collective_pred": np.argmax(s_logits, -1), "head_energy": head_energy,
+            "collective_energy": s_energy}
 
 
 def _np_msp_route(stack):
