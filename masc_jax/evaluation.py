@@ -76,3 +76,15 @@ def results_from_predictions(predictions: dict[str, np.ndarray], labels: np.ndar
         row: routing_diagnostics.diagnose(labels=labels, groups=groups, **outputs)
         for row, outputs in diagnosed.items()}
   return results
+
+
+def merge_results(per_stage: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """One run's results from several stages' ``results_from_predictions`` (their rows are disjoint)."""
+  merged: dict[str, Any] = {}
+  for results in per_stage:
+    for key, value in results.items():
+      if isinstance(value, dict):
+        merged.setdefault(key, {}).update(value)
+      else:
+        merged[key] = value
+  return merged

@@ -41,7 +41,8 @@ SWEEPABLE = ("loss.kd_weight", "loss.ra_kd_weight", "loss.kd_temperature", "loss
 # Settings that change shapes or step counts: members could not share a step.
 SHAPE_CHANGING = ("model.", "num_agents", "batch_size", "eval_batch_size", "dataset", "epochs.")
 
-MEMBER_MAP_STRATEGIES = ("auto", "vmap", "unroll")
+LOOP = "loop"
+MEMBER_MAP_STRATEGIES = ("auto", "vmap", "unroll", LOOP)
 
 
 class PopulationError(ValueError):
@@ -147,16 +148,22 @@ def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_colle
 
 
 def resolve_member_map(strategy: str, backend: str | None = None) -> str:
-  """``auto`` -> ``vmap`` or ``unroll`` for the backend (BUILD_NOTES.md "Populations")."""
+  """``auto`` -> ``vmap`` on TPU/GPU, ``loop`` on CPU (BUILD_NOTES.md "Populations").
+
+  ``vmap``: one batched program (the member axis can be split over devices).
+  ``unroll``: P copies of a member's program in one. ``loop``: a member's
+  compiled program run for each member in turn (members share the devices).
+  """
   if strategy not in MEMBER_MAP_STRATEGIES:
     raise ValueError(f"member_map must be one of {MEMBER_MAP_STRATEGIES}, got {strategy!r}")
   if strategy != "auto":
     return strategy
   # On TPU/GPU one batched program keeps the device full. On XLA:CPU a vmapped
-  # convolution with per-member kernels becomes a grouped convolution, slow at
-  # CIFAR widths, but the P unrolled copies multiply the compile time.
-  del backend
-  return "vmap"
+  # convolution with per-member kernels becomes a slow grouped convolution and P
+  # unrolled copies multiply the compile time; measured on digits, 3 seeds
+  # (BUILD_NOTES.md): loop is the fastest there.
+  backend = backend or jax.default_backend()
+  return LOOP if backend == "cpu" else "vmap"
 
 
 class MemberAxis:
@@ -216,10 +223,15 @@ class MemberAxis:
 
   def map(self, fn: Callable[..., Any], in_axes: int | None | Sequence[int | None] = 0
           ) -> Callable[..., Any]:
-    """``fn`` over the member axis (``in_axes`` as in ``jax.vmap``); a plain run calls ``fn``."""
+    """``fn`` over the member axis (``in_axes`` as in ``jax.vmap``); a plain run calls ``fn``.
+
+    Inside one program: ``loop`` maps as ``unroll`` here (a step runs its members
+    one after another through ``train.compile_stage`` instead).
+    """
     if not self.is_population:
       return fn
-    return agents.agent_map(fn, in_axes=in_axes, strategy=self.strategy)
+    strategy = "unroll" if self.strategy == LOOP else self.strategy
+    return agents.agent_map(fn, in_axes=in_axes, strategy=strategy)
 
   def nonfinite_members(self, finite: np.ndarray) -> list[Member]:
     """The members whose entry of ``finite`` (``[P, ...]`` bool, or a scalar) is false."""

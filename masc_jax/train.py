@@ -102,8 +102,9 @@ def build_society(config: ml_collections.ConfigDict) -> Society:
   pooled = np.sort(np.concatenate(per_agent))
   config_lib.check_against_data(config, [len(ix) for ix in per_agent], len(pooled))
   members = population.MemberAxis(population.members_of(config), config.member_map)
+  # Members run one after another (``loop``) on the same devices: no member axis in the mesh.
   mesh = sharding.make_mesh(config.num_agents, config.num_devices, config.agent_axis_size,
-                            num_members=members.size)
+                            num_members=1 if members.strategy == population.LOOP else members.size)
 
   expert = models.make_network(config.model, dataset.num_classes, config.model.expert_widths)
   collective = models.make_network(config.model, dataset.num_classes,
@@ -172,9 +173,15 @@ def init_population_state(society: Society, init_keys: jax.Array) -> dict[str, s
       init_keys, members.hparams())
 
 
-def state_shardings(society: Society, abstract_state: PyTree) -> PyTree:
-  """Stacked models along the agent axis; the collectives replicated (members split)."""
-  mesh, pop = society.mesh, society.members.is_population
+def state_shardings(society: Society, abstract_state: PyTree,
+                    member_axis: bool | None = None) -> PyTree:
+  """Stacked models along the agent axis; the collectives replicated (members split).
+
+  ``member_axis=False``: the shardings of one member's state (default: the
+  population's arrays have a member axis).
+  """
+  mesh = society.mesh
+  pop = society.members.is_population if member_axis is None else member_axis
   placement = {protocol.STACKED: sharding.stacked(mesh, pop),
                protocol.REPLICATED: sharding.replicated(mesh, pop)}
   return {name: sharding.tree_sharding(tree, placement[protocol.BY_NAME[name].sharding])
@@ -209,13 +216,15 @@ def compile_stage(society: Society, spec: StageSpec, state: dict[str, stages.Mod
   """
   members = society.members
   get_batch = batch_source(society, spec)
-  shardings = state_shardings(society, {spec.name: state[spec.name]})[spec.name]
+  looped = members.is_population and members.strategy == population.LOOP
+  shardings = state_shardings(society, {spec.name: state[spec.name]},
+                              member_axis=None if not looped else False)[spec.name]
 
   def member_step(model_state, batch, rng, frozen, settings):
     # Built inside the trace: a swept setting is a traced value of this member.
     return spec.make_step(society.with_settings(settings), spec)(model_state, batch, rng, frozen)
 
-  step_fn = members.map(member_step)
+  step_fn = member_step if looped else members.map(member_step)
   replicated = sharding.replicated(society.mesh)
 
   def constrained(model_state, batch, rng, frozen, hparams):
@@ -228,10 +237,37 @@ def compile_stage(society: Society, spec: StageSpec, state: dict[str, stages.Mod
   frozen = frozen_inputs(society, spec, state)
   hparams = jax.device_put(members.hparams(), replicated)
   jitted = jax.jit(constrained, donate_argnums=(0,))
-  compiled = jitted.lower(state[spec.name], get_batch(start_step),
-                          members.fold_in(stage_key, start_step), frozen, hparams).compile()
+  example = (state[spec.name], get_batch(start_step), members.fold_in(stage_key, start_step))
+  if looped:
+    return _looped(jitted, example, frozen, hparams, members.size), frozen, get_batch
+  compiled = jitted.lower(*example, frozen, hparams).compile()
   return (lambda model_state, batch, rng, frozen: compiled(model_state, batch, rng, frozen, hparams),
           frozen, get_batch)
+
+
+def _looped(jitted_member_step: Callable, example: tuple, frozen: PyTree, hparams: PyTree,
+            size: int):
+  """A population step that runs one member's compiled step for each member in turn.
+
+  One compile (a member's program) serves every member, and each member runs
+  exactly the program a single run would (bit-identical results): on XLA:CPU
+  this beats a batched program, whose per-member convolutions become slow
+  grouped ones. The stacked ``[P, ...]`` state, batch and keys are split (one
+  dispatch), stepped, and stacked again (one dispatch). (Slicing member ``p``
+  inside the member's program instead saves no time and changes its rounding.)
+  """
+  split = jax.jit(lambda tree: [jax.tree.map(lambda x: x[p], tree) for p in range(size)])
+  stack = jax.jit(lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees))
+  frozen_of, hparams_of = split(frozen), split(hparams)
+  first = split(example)[0]
+  compiled = jitted_member_step.lower(*first, frozen_of[0], hparams_of[0]).compile()
+
+  def step(model_state, batch, rng, unused_frozen):
+    outs = [compiled(*inputs, frozen_of[p], hparams_of[p])
+            for p, inputs in enumerate(split((model_state, batch, rng)))]
+    return stack([out[0] for out in outs]), stack([out[1] for out in outs])
+
+  return step
 
 
 def frozen_inputs(society: Society, spec: StageSpec, state: dict[str, stages.ModelState]) -> PyTree:
@@ -285,11 +321,27 @@ class Run:
     shardings = state_shardings(self.society, abstract)
     restored = self.checkpointer.restore_latest_good(abstract, shardings, log=self.log)
     if restored is None:
-      state = jax.jit(init, out_shardings=shardings)()
+      state = self.fresh_state(init, shardings)
       return state, {"stage": self.names[0], "stage_step": 0, "stage_results": {}, "timings": {}}
     step, state, meta = restored
     self.log(f"resumed from checkpoint {step}: stage {meta['stage']}, step {meta['stage_step']}")
     return state, meta
+
+  def fresh_state(self, init: Callable[[], PyTree], shardings: PyTree) -> PyTree:
+    """Every model freshly initialised, placed with ``shardings``.
+
+    Members run in turn (``loop``): one member's init compiled once and called
+    per member, not P copies of it in one program.
+    """
+    members = self.members
+    if not (members.is_population and members.strategy == population.LOOP):
+      return jax.jit(init, out_shardings=shardings)()
+    one = jax.jit(lambda key, settings: init_run_state(self.society.with_settings(settings), key))
+    hparams = members.hparams()
+    states = [one(self.init_key[p], {field: values[p] for field, values in hparams.items()})
+              for p in range(members.size)]
+    return jax.jit(lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees),
+                   out_shardings=shardings)(states)
 
   def save(self, state: dict, meta: dict) -> None:
     bad = self.members.nonfinite_members(jax.device_get(self._finite(state)))
@@ -363,16 +415,21 @@ class Run:
 
   def evaluate(self, state: dict, upto: str) -> list[dict]:
     """Each member's results of every row whose models are trained (stages up to ``upto``)."""
-    society, ds, members = self.society, self.society.dataset, self.members
     trained = self.specs if upto == DONE else self.specs[: self.names.index(upto) + 1]
-    variables = {spec.variables_key: state[spec.name].variables() for spec in trained}
-    normalize = functools.partial(augment.normalize, mean=ds.mean, std=ds.std)
+    per_stage = [self.evaluate_stage(state, spec) for spec in trained]
+    return [evaluation.merge_results(stages_of_member) for stages_of_member in zip(*per_stage)]
 
+  def evaluate_stage(self, state: dict, spec: StageSpec) -> list[dict]:
+    """Each member's results of the rows and collective that stage ``spec`` feeds."""
+    society, ds, members = self.society, self.society.dataset, self.members
+    read = (spec,) + ((protocol.BY_NAME[spec.base],) if spec.base else ())
+    variables = {s.variables_key: state[s.name].variables() for s in read}
+    normalize = functools.partial(augment.normalize, mean=ds.mean, std=ds.std)
     # One member at a time, with the single run's program: a member's routing
     # decisions sit on a knife's edge, and an eval program that fuses P members
     # rounds the free energies differently. Evaluation is a small part of a run.
     predict = jax.jit(lambda variables, settings, images: protocol.predict_rows(
-        society.with_settings(settings), trained, variables, images, normalize),
+        society.with_settings(settings), (spec,), variables, images, normalize),
                       out_shardings=sharding.replicated(society.mesh))   # read on every process
     results = []
     for index, member in enumerate(members.members):
@@ -383,15 +440,19 @@ class Run:
           lambda v, images: predict(v, settings, images), member_variables, society.test_images,
           len(ds.test_labels), self.config.eval_batch_size)
       results.append(evaluation.results_from_predictions(
-          predictions, ds.test_labels, society.class_groups.groups,
-          rows=[row for spec in trained for row in spec.rows],
-          collectives=[spec.collective for spec in trained if spec.collective]))
-    faults.reach("evaluated", upto)
+          predictions, ds.test_labels, society.class_groups.groups, rows=spec.rows,
+          collectives=[spec.collective] if spec.collective else []))
+    faults.reach("evaluated", spec.name)
     return results
 
   def finish_stage(self, spec: StageSpec, state: dict, meta: dict) -> dict:
-    """Evaluate the rows trained so far, log the stage's summary, move the position on."""
-    member_results = self.evaluate(state, spec.name)
+    """Evaluate the stage's rows, log its summary, move the position on.
+
+    Each stage's evaluation is kept in the run position (``meta``), so the
+    final results merge them and no stage is evaluated twice.
+    """
+    member_results = self.evaluate_stage(state, spec)
+    evaluations = {**meta.get("evaluations", {}), spec.name: member_results}
     meta["stage_results"][spec.name] = stage_summary(spec, member_results)
     timing = meta["timings"][spec.name]
     self.log(progress.stage_summary_line(spec.name, timing["steps"], timing["train_s"],
@@ -399,9 +460,12 @@ class Run:
     self.metrics_log.write({"stage": spec.name, "eval": meta["stage_results"][spec.name]})
     position = self.names.index(spec.name) + 1
     meta = {**meta, "stage": self.names[position] if position < len(self.names) else DONE,
-            "stage_step": 0}
+            "stage_step": 0, "evaluations": evaluations}
     if meta["stage"] == DONE:
-      meta["results"] = self.final_results(member_results, meta["timings"])
+      # A run resumed from a checkpoint of an older version may lack some stages' evaluations.
+      per_stage = [evaluations.get(s.name) or self.evaluate_stage(state, s) for s in self.specs]
+      merged = [evaluation.merge_results(member) for member in zip(*per_stage)]
+      meta["results"] = self.final_results(merged, meta["timings"])
     return meta
 
   def final_results(self, member_results: list[dict], timings: dict) -> dict:

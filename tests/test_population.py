@@ -88,12 +88,12 @@ def single_runs_three_steps():
   return out
 
 
-@pytest.mark.parametrize("strategy", ["unroll", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "unroll", "vmap"])
 def test_members_match_their_single_runs_step_by_step(single_runs_three_steps, strategy):
   """Each member's losses and parameters after three steps of every stage match its
-  single run's: identical where the computation is the same (the experts, which read
-  no swept setting, unrolled), else within float tolerance (a batched program, and
-  the swept weight a traced value, round differently)."""
+  single run's: identical where the computation is the same (``loop`` runs each
+  member through the single run's program; unrolled, the experts, which read no
+  swept setting), else within float tolerance (a batched program rounds differently)."""
   config = config_lib.load_config("tiny", POPULATION + [f"member_map={strategy}"])
   society = train.build_society(config)
   assert society.members.strategy == strategy and society.members.size == 4
@@ -103,7 +103,7 @@ def test_members_match_their_single_runs_step_by_step(single_runs_three_steps, s
       got = [np.asarray(leaf) for leaf in
              jax.tree.leaves(jax.tree.map(lambda x: x[p], final[stage].params))]
       want = [np.asarray(leaf) for leaf in jax.tree.leaves(single_final[stage].params)]
-      if strategy == "unroll" and stage == "experts":
+      if strategy == "loop" or (strategy == "unroll" and stage == "experts"):
         np.testing.assert_array_equal(np.stack(losses[stage])[:, p], np.stack(values))
         for a, b in zip(got, want):
           np.testing.assert_array_equal(a, b)
