@@ -89,12 +89,18 @@ class Society:
     return self.config.batch_size * (self.num_agents if per_agent else 1) * self.members.size
 
 
-def build_society(config: ml_collections.ConfigDict) -> Society:
-  """Validate the config against the data and devices, load the data. Writes nothing."""
+def build_society(config: ml_collections.ConfigDict,
+                  dataset: data.ArrayDataset | None = None) -> Society:
+  """Validate the config against the data and devices, load the data. Writes nothing.
+
+  ``dataset``: use these arrays instead of loading ``config.dataset`` (benchmarks
+  on synthetic data of a dataset's shapes).
+  """
   config_lib.validate(config)
-  data_dir = config.data_dir or None
-  data.check_dataset_available(config.dataset, data_dir)
-  dataset = data.load_dataset(config.dataset, data_dir)
+  if dataset is None:
+    data_dir = config.data_dir or None
+    data.check_dataset_available(config.dataset, data_dir)
+    dataset = data.load_dataset(config.dataset, data_dir)
   seed = config.class_order_seed
   groups = batches.make_class_groups(dataset.num_classes, config.num_agents,
                                      None if seed < 0 else seed)

@@ -58,6 +58,22 @@ def run(argv):
     (["--config=tiny", f"--config.data_dir={FILE}"], f"data_dir={FILE} is not a directory"),
     (["--config=tiny", "--config.batch_size=1000"], "fewer than batch_size=1000"),
     (["--config=tiny", "--config.num_devices=2"], "num_devices=2 but only 1 devices are visible"),
+    # populations: seed lists and sweeps
+    (["--config=tiny", "--config.sweep=model.dropout_rate=0.1,0.2"],
+     "cannot sweep model.dropout_rate: it changes array shapes or step counts"),
+    (["--config=tiny", "--config.sweep=batch_size=16,32"], "cannot sweep batch_size: it changes"),
+    (["--config=tiny", "--config.sweep=loss.cc=1,2"], "cannot sweep loss.cc; sweepable settings:"),
+    (["--config=tiny", "--config.sweep=optim.learning_rate"], "sweep entries are FIELD=V1,V2"),
+    (["--config=tiny", "--config.sweep=optim.learning_rate=0.1,x"],
+     "sweep values of optim.learning_rate must be numbers"),
+    (["--config=tiny", "--config.sweep=optim.learning_rate=0.1,-1"],
+     "sweep: optim.learning_rate must be a number in (0.0, inf), got -1.0"),
+    (["--config=tiny", "--config.seeds=0,x"], "seeds must be comma-separated integers >= 0"),
+    (["--config=tiny", "--config.seeds=1,1"], "seeds lists seed 1 twice"),
+    (["--config=digits", "--config.seed=4"],
+     "seed=4 is for a single run but this config trains seeds 0,1,2 (config.seeds): "
+     "pass --config.seeds=4 for one seed"),
+    (["--config=tiny", "--config.member_map=pmap"], "member_map must be one of"),
     # other flags
     (["--config=tiny", "--nosuchflag"], "Unknown command line flag 'nosuchflag'"),
     (["--config=tiny", "stray"], "unexpected arguments: stray"),

@@ -1,0 +1,170 @@
+"""Benchmark of a population's stage steps: P members trained together vs one.
+
+    python -m benchmarks.population_step                                # digits, P=1,2,4, auto
+    python -m benchmarks.population_step --config=cifar100 --members 1,2,4,8 \
+        --strategies vmap,loop --stages experts,collective --steps 5 --warmup 2
+
+Each (P, strategy) runs in a fresh worker process that builds the run's own
+objects (``train.build_society`` on synthetic data of the config's shapes, a
+population of seeds ``0..P-1``, ``train.compile_stage``: exactly what a run
+compiles, member mapping included) and times ``--steps`` steps of every
+stage named, each ending in ``block_until_ready``. Reported per config:
+
+  step ms        median step time of the population (all P members).
+  member-img/s   images consumed per second, summed over members and agents.
+  vs P=1         this step's time / the P=1 step's (same stage, strategy): the
+                 goal on an accelerator is <= 1.5 until the device is full.
+  compile s      the stage step's compile time (``compile_stage``).
+  GFLOP/s, MFU   ``cost_analysis`` FLOPs are not available through the looped
+                 step, so the analytic count of ``benchmarks.agent_step``
+                 (x P members) over the step time; MFU against the device's
+                 peak (``common.PEAK_FLOPS``), n/a on CPU.
+
+P=1 is the plain run (no member axis). Results go to
+``benchmarks/results/population_step_<time>.json`` with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+
+STAGES = ("experts", "collective", "altruism")
+
+
+def synthetic_dataset(config):
+  """Random uint8 images and balanced labels with the shapes of ``config.dataset``."""
+  from masc_jax import data
+  info = data.DATASETS[config.dataset]
+  h, w, c = info.image_shape
+  rng = np.random.default_rng(0)
+  per_class = 2 * config.batch_size               # every agent fills its batches
+  labels = np.repeat(np.arange(info.num_classes), per_class).astype(np.int32)
+  test_labels = np.arange(info.num_classes, dtype=np.int32)
+  return data.ArrayDataset(
+      name=config.dataset,
+      train_images=rng.integers(0, 256, (len(labels), h, w, c), dtype=np.uint8),
+      train_labels=labels,
+      test_images=rng.integers(0, 256, (len(test_labels), h, w, c), dtype=np.uint8),
+      test_labels=test_labels, num_classes=info.num_classes,
+      mean=np.full(c, 0.5, np.float32), std=np.full(c, 0.25, np.float32))
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+  import jax
+  from masc_jax import config_lib, protocol, train
+  from benchmarks import agent_step
+
+  overrides = [f"seeds={','.join(map(str, range(spec['members'])))}",
+               f"member_map={spec['strategy']}", f"batch_size={spec['batch']}"]
+  config = config_lib.load_config(spec["config"], overrides)
+  society = train.build_society(config, synthetic_dataset(config))
+  run = train.Run(society, "/nonexistent-benchmark", log=lambda _: None)
+  init = lambda: train.init_population_state(society, run.init_key)
+  state = run.fresh_state(init, train.state_shardings(society, jax.eval_shape(init)))
+  dev = jax.devices()[0]
+  peak = common.peak_flops(dev.device_kind, dev.platform, "float32")
+  out = []
+  names = protocol.stage_names(config)
+  for stage in spec["stages"]:
+    stage_spec = protocol.BY_NAME[stage]
+    key = society.members.fold_in(run.train_key, names.index(stage))
+    t0 = time.perf_counter()
+    compiled, frozen, get_batch = train.compile_stage(society, stage_spec, state, 0, key)
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state[stage]}
+    batches = [get_batch(i) for i in range(spec["warmup"] + spec["steps"])]
+
+    def call(i):
+      holder["state"], metrics = compiled(holder["state"], batches[i],
+                                          society.members.fold_in(key, i), frozen)
+      return holder["state"], metrics
+
+    stats = common.summarize_times(*common.time_calls(call, spec["steps"], spec["warmup"],
+                                                      jax.block_until_ready))
+    state = {**state, stage: holder["state"]}
+    images = society.images_per_step(stage_spec)
+    info = society.dataset
+    inp = {"hw": info.image_shape[:2], "channels": info.image_shape[2],
+           "num_classes": info.num_classes}
+    flops = spec["members"] * agent_step.model_flops(stage, config, inp, config.num_agents,
+                                                     config.batch_size)
+    out.append({**spec, **stats, "stage": stage, "compile_s": compile_s,
+                "images_per_step": images, "images_per_s": images / stats["median_s"],
+                "flops_model": flops, "flops_per_s": flops / stats["median_s"],
+                "mfu": flops / stats["median_s"] / peak if peak else None,
+                "device": f"{dev.platform}:{dev.device_kind}", "num_devices": jax.device_count(),
+                "resolved_strategy": society.members.strategy,
+                "mesh": dict(society.mesh.shape), "jax_version": jax.__version__})
+  run.close()
+  return {"results": out, "peak_rss_mib": common.peak_rss_mib()}
+
+
+def make_table(results: list[dict[str, Any]]) -> str:
+  one = {(r["stage"], r["strategy"]): r["median_s"] for r in results if r["members"] == 1}
+  rows = []
+  for r in sorted(results, key=lambda r: (STAGES.index(r["stage"]), r["strategy"], r["members"])):
+    base = one.get((r["stage"], r["strategy"]))
+    rows.append([r["stage"], r["members"], f"{r['strategy']} ({r['resolved_strategy']})",
+                 1e3 * r["median_s"], r["images_per_s"], r["median_s"] / base if base else None,
+                 r["compile_s"], r["flops_per_s"] / 1e9,
+                 f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"])
+  return common.markdown_table(["stage", "P", "strategy", "step ms", "member-img/s", "vs P=1",
+                                "compile s", "GFLOP/s", "MFU"], rows)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="digits", help="a config name (its shapes and K)")
+  p.add_argument("--members", default="1,2,4", help="comma list of P")
+  p.add_argument("--strategies", default="auto", help="member_map strategies (auto,vmap,unroll,loop)")
+  p.add_argument("--stages", default="experts,collective", help=f"comma list of {','.join(STAGES)}")
+  p.add_argument("--batch", type=int, default=32, help="per-agent batch (the paper's: 32)")
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--timeout", type=float, default=1800)
+  p.add_argument("--out", default="")
+  p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.worker:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return 0
+  stages = [s for s in args.stages.split(",") if s]
+  if any(s not in STAGES for s in stages):
+    raise SystemExit(f"--stages: use some of {STAGES}")
+  machine = common.machine_info()
+  print(f"# {machine['cpu_model']}, {machine['cpu_count']} cores; load {common.loadavg()}", flush=True)
+  results = []
+  for strategy in args.strategies.split(","):
+    for members in map(int, args.members.split(",")):
+      spec = dict(config=args.config, members=members, strategy=strategy, stages=stages,
+                  batch=args.batch, steps=args.steps, warmup=args.warmup)
+      r = common.run_worker("benchmarks.population_step", spec, timeout=args.timeout)
+      if "error" in r:
+        print(f"P={members} {strategy}: ERROR {r['error']}", flush=True)
+        continue
+      for row in r["results"]:
+        print(f"P={members} {strategy} {row['stage']}: {1e3 * row['median_s']:.1f} ms/step, "
+              f"compile {row['compile_s']:.1f}s", flush=True)
+      results += r["results"]
+  table = make_table(results)
+  print("\n" + table)
+  out = args.out or os.path.join(
+      "benchmarks", "results", f"population_step_{datetime.datetime.now():%Y%m%d_%H%M%S}.json")
+  common.write_json(out, {"machine": machine, "args": vars(args), "results": results,
+                          "table": table, "load_after": common.loadavg()})
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
