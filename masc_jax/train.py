@@ -245,35 +245,10 @@ def compile_stage(society: Society, spec: StageSpec, state: dict[str, stages.Mod
   jitted = jax.jit(constrained, donate_argnums=(0,))
   example = (state[spec.name], get_batch(start_step), members.fold_in(stage_key, start_step))
   if looped:
-    return _looped(jitted, example, frozen, hparams, members.size), frozen, get_batch
+    return population.step_in_turn(jitted, example, frozen, hparams, members.size), frozen, get_batch
   compiled = jitted.lower(*example, frozen, hparams).compile()
   return (lambda model_state, batch, rng, frozen: compiled(model_state, batch, rng, frozen, hparams),
           frozen, get_batch)
-
-
-def _looped(jitted_member_step: Callable, example: tuple, frozen: PyTree, hparams: PyTree,
-            size: int):
-  """A population step that runs one member's compiled step for each member in turn.
-
-  One compile (a member's program) serves every member, and each member runs
-  exactly the program a single run would (bit-identical results): on XLA:CPU
-  this beats a batched program, whose per-member convolutions become slow
-  grouped ones. The stacked ``[P, ...]`` state, batch and keys are split (one
-  dispatch), stepped, and stacked again (one dispatch). (Slicing member ``p``
-  inside the member's program instead saves no time and changes its rounding.)
-  """
-  split = jax.jit(lambda tree: [jax.tree.map(lambda x: x[p], tree) for p in range(size)])
-  stack = jax.jit(lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees))
-  frozen_of, hparams_of = split(frozen), split(hparams)
-  first = split(example)[0]
-  compiled = jitted_member_step.lower(*first, frozen_of[0], hparams_of[0]).compile()
-
-  def step(model_state, batch, rng, unused_frozen):
-    outs = [compiled(*inputs, frozen_of[p], hparams_of[p])
-            for p, inputs in enumerate(split((model_state, batch, rng)))]
-    return stack([out[0] for out in outs]), stack([out[1] for out in outs])
-
-  return step
 
 
 def frozen_inputs(society: Society, spec: StageSpec, state: dict[str, stages.ModelState]) -> PyTree:
@@ -342,12 +317,9 @@ class Run:
     members = self.members
     if not (members.is_population and members.strategy == population.LOOP):
       return jax.jit(init, out_shardings=shardings)()
-    one = jax.jit(lambda key, settings: init_run_state(self.society.with_settings(settings), key))
-    hparams = members.hparams()
-    states = [one(self.init_key[p], {field: values[p] for field, values in hparams.items()})
-              for p in range(members.size)]
-    return jax.jit(lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees),
-                   out_shardings=shardings)(states)
+    return population.init_in_turn(
+        lambda key, settings: init_run_state(self.society.with_settings(settings), key),
+        self.init_key, members.hparams(), shardings)
 
   def save(self, state: dict, meta: dict) -> None:
     bad = self.members.nonfinite_members(jax.device_get(self._finite(state)))

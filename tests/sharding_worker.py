@@ -63,11 +63,14 @@ def main():
     # Three devices: K=2 and the batch of 16 divide by neither, so the batches stay whole.
     out = {"one": stage_steps(1), "four": stage_steps(4), "three": stage_steps(3)}
   elif mode == "population":
-    # Two members (a seed each): one device; 4 devices (members 2 x agents 2); 6 devices
-    # (members 2 x data 3, a batch of 16 that 3 does not divide).
+    # Two members (a seed each), batched: one device; 4 devices (members 2 x agents 2);
+    # 6 devices (members 2 x data 3, a batch of 16 that 3 does not divide). Members in
+    # turn (loop, CPU's default) share all 3 devices of a mesh without a member axis.
     seeds = NO_ABLATIONS + ["seeds=0,1"]
-    out = {"one": stage_steps(1, extra=seeds), "four": stage_steps(4, extra=seeds),
-           "six": stage_steps(6, extra=seeds)}
+    vmapped = seeds + ["member_map=vmap"]
+    out = {"one": stage_steps(1, extra=vmapped), "four": stage_steps(4, extra=vmapped),
+           "six": stage_steps(6, extra=vmapped),
+           "loop_three": stage_steps(3, extra=seeds + ["member_map=loop"])}
   elif mode == "e2e":
     extra = sys.argv[4:]       # e.g. agent_map=unroll: fields a resumed run may change
     config = config_lib.load_config("tiny", TINY_K2 + NO_ABLATIONS +

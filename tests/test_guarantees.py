@@ -367,5 +367,5 @@ def test_by_default_the_mesh_spans_every_visible_device():
   out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                        env={**os.environ, **THREE_DEVICES}, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.splitlines() == ["{'agents': 1, 'data': 3} [0, 1, 2]",
-                                     "{'agents': 1, 'data': 2} [0, 1]"]
+  assert out.stdout.splitlines() == ["{'members': 1, 'agents': 1, 'data': 3} [0, 1, 2]",
+                                     "{'members': 1, 'agents': 1, 'data': 2} [0, 1]"]

@@ -58,13 +58,15 @@ def test_device_counts_that_split_nothing_evenly_match_one_device(stage_steps):
 
 
 def test_population_members_spread_over_devices_match_one_device():
-  """Two members over 4 devices (one member per pair of devices) and over 6 (3 per
-  member, a batch that does not split): each member's steps match one device's."""
+  """Two members over 4 devices (one member per pair of devices), over 6 (3 per
+  member, a batch that does not split), and in turn over 3: each member's steps
+  match one device's."""
   out = run_worker("population", "-")
   one = out["one"]
   assert out["four"]["mesh"] == {"members": 2, "agents": 2, "data": 1}
   assert out["six"]["mesh"] == {"members": 2, "agents": 1, "data": 3}
-  for name in ("four", "six"):
+  assert out["loop_three"]["mesh"] == {"members": 1, "agents": 1, "data": 3}
+  for name in ("four", "six", "loop_three"):
     for stage, losses in one["losses"].items():
       np.testing.assert_allclose(out[name]["losses"][stage], losses, rtol=1e-5, atol=1e-5,
                                  err_msg=f"{name} {stage}")
@@ -72,8 +74,10 @@ def test_population_members_spread_over_devices_match_one_device():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5,
                                    err_msg=f"{name} {stage}")
       placed = out[name]["sharded"][stage]
-      # The member axis is split: each device holds one member's slice.
-      assert placed["rows"] == 2 and placed["shard_rows"] == 1, (name, stage)
+      # Batched, the member axis is split: each device holds one member's slice. In
+      # turn, every device holds both members (the mesh has no member axis).
+      assert placed["rows"] == 2, (name, stage)
+      assert placed["shard_rows"] == (2 if name == "loop_three" else 1), (name, stage)
 
 
 def _close(a, b):
