@@ -212,7 +212,7 @@ MUTANTS = (
     Mutant("members-share-data-order", "each member draws its own data order",
            "masc_jax/train.py", "lambda m: batches.PooledBatches(pooled, config.batch_size, seed=m.seed)",
            "lambda m: batches.PooledBatches(pooled, config.batch_size, seed=0)",
-           ("tests/test_population.py::test_members_match_their_single_runs_step_by_step",)),
+           ("tests/test_population.py::test_each_member_draws_the_data_order_of_its_seed",)),
 )
 
 

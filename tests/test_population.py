@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from masc_jax import config_lib, population, protocol, train, workdir as workdir_lib
+from masc_jax import batches, config_lib, population, protocol, train, workdir as workdir_lib
 from masc_jax.step_log import NonFiniteLossError
 from conftest import run_main
 
@@ -48,6 +48,23 @@ def test_members_are_the_grid_crossed_with_the_seeds():
   # One seed and no sweep is the plain run: no member axis.
   plain = population.MemberAxis(population.members_of(single_config(members[2])))
   assert not plain.is_population and plain.members[0].seed == 3
+
+
+def test_each_member_draws_the_data_order_of_its_seed():
+  """Stacked batches: member p's indices are those of a batch order seeded with its seed."""
+  society = train.build_society(config_lib.load_config("tiny", POPULATION))
+  pooled = np.sort(np.concatenate(batches.agent_indices(society.dataset.train_labels,
+                                                        society.class_groups)))
+  for step in (0, 7):
+    got = society.pooled_batches.indices(step)                        # [P, B]
+    for p, member in enumerate(society.members.members):
+      want = batches.PooledBatches(pooled, society.config.batch_size, seed=member.seed)
+      np.testing.assert_array_equal(got[p], want.indices(step))
+    assert not np.array_equal(got[0], got[1])                         # seeds 3 and 5 differ
+    per_agent = society.agent_batches.indices(step)                    # [P, K, B]
+    assert per_agent.shape[:2] == (4, society.num_agents)
+    assert not np.array_equal(per_agent[0], per_agent[1])
+    np.testing.assert_array_equal(per_agent[0], per_agent[2])          # same seed, other setting
 
 
 def three_steps_per_stage(society, state, keys, num_steps=3):
