@@ -292,7 +292,9 @@ class Run:
     self.members = society.members
     keys = self.members.keys(lambda seed: jax.random.split(jax.random.key(seed)))   # [(P,) 2]
     self.init_key, self.train_key = keys[..., 0], keys[..., 1]
-    self._finite = jax.jit(self.members.map(_all_finite))      # [P] for a population
+    # [P] for a population; replicated, so every process can read it.
+    self._finite = jax.jit(self.members.map(_all_finite),
+                           out_shardings=sharding.replicated(society.mesh))
 
   # -- state and checkpoints
 

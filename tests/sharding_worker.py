@@ -71,6 +71,13 @@ def main():
     out = {"one": stage_steps(1, extra=vmapped), "four": stage_steps(4, extra=vmapped),
            "six": stage_steps(6, extra=vmapped),
            "loop_three": stage_steps(3, extra=seeds + ["member_map=loop"])}
+    # The per-member finiteness check before a save is read on every process of a
+    # multi-process run: it must come back whole on every device.
+    society = society_on(4, vmapped)
+    run = train.Run(society, workdir, log=lambda _: None)
+    state, _ = run.restore_or_init()
+    out["finite_replicated"] = bool(run._finite(state).sharding.is_fully_replicated)
+    run.close()
   elif mode == "e2e":
     extra = sys.argv[4:]       # e.g. agent_map=unroll: fields a resumed run may change
     config = config_lib.load_config("tiny", TINY_K2 + NO_ABLATIONS +

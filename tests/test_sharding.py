@@ -57,12 +57,13 @@ def test_device_counts_that_split_nothing_evenly_match_one_device(stage_steps):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5, err_msg=stage)
 
 
-def test_population_members_spread_over_devices_match_one_device():
+def test_population_members_spread_over_devices_match_one_device(tmp_path):
   """Two members over 4 devices (one member per pair of devices), over 6 (3 per
   member, a batch that does not split), and in turn over 3: each member's steps
   match one device's."""
-  out = run_worker("population", "-")
+  out = run_worker("population", tmp_path)
   one = out["one"]
+  assert out["finite_replicated"]
   assert out["four"]["mesh"] == {"members": 2, "agents": 2, "data": 1}
   assert out["six"]["mesh"] == {"members": 2, "agents": 1, "data": 3}
   assert out["loop_three"]["mesh"] == {"members": 1, "agents": 1, "data": 3}
