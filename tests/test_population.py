@@ -67,12 +67,12 @@ def test_each_member_draws_the_data_order_of_its_seed():
     np.testing.assert_array_equal(per_agent[0], per_agent[2])          # same seed, other setting
 
 
-def three_steps_per_stage(society, state, keys, num_steps=3):
-  """Every stage's first steps from ``state``; the final states and the losses."""
+def three_steps_per_stage(society, state, keys, num_steps=3, stages=None):
+  """Every stage's (or ``stages``') first steps from ``state``; the final states and the losses."""
   names = protocol.stage_names(society.config)
   members = society.members
   losses = {}
-  for stage in names:
+  for stage in stages or names:
     stage_key = members.fold_in(keys, names.index(stage))
     compiled, frozen, get_batch = train.compile_stage(society, protocol.BY_NAME[stage], state, 0,
                                                       stage_key)
@@ -114,9 +114,13 @@ def test_members_match_their_single_runs_step_by_step(single_runs_three_steps, s
   config = config_lib.load_config("tiny", POPULATION + [f"member_map={strategy}"])
   society = train.build_society(config)
   assert society.members.strategy == strategy and society.members.size == 4
-  final, losses = three_steps_per_stage(society, *initial_state(society))
+  # Unrolled: the experts only (their exactness is the point; the suite's time is short).
+  stages = ("experts",) if strategy == "unroll" else None
+  final, losses = three_steps_per_stage(society, *initial_state(society), stages=stages)
   for p, (single_final, single_losses) in single_runs_three_steps.items():
     for stage, values in single_losses.items():
+      if stage not in losses:
+        continue
       got = [np.asarray(leaf) for leaf in
              jax.tree.leaves(jax.tree.map(lambda x: x[p], final[stage].params))]
       want = [np.asarray(leaf) for leaf in jax.tree.leaves(single_final[stage].params)]
