@@ -148,7 +148,7 @@ def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_colle
 
 
 def resolve_member_map(strategy: str, backend: str | None = None) -> str:
-  """``auto`` -> ``vmap`` on TPU/GPU, ``loop`` on CPU (BUILD_NOTES.md "Populations").
+  """``auto`` -> ``vmap`` on TPU/GPU, ``loop`` on CPU (BUILD_NOTES.md "Design: populations").
 
   ``vmap``: one batched program (the member axis can be split over devices).
   ``unroll``: P copies of a member's program in one. ``loop``: a member's
@@ -171,7 +171,8 @@ class MemberAxis:
 
   Code written against this class runs both: ``map(fn)`` maps ``fn`` over the
   member axis of its arguments (``vmap`` or unrolled copies), or calls it
-  directly for a plain run; ``keys``/``stack`` build the per-member inputs.
+  directly for a plain run; ``keys``, ``fold_in``, ``batches`` and ``hparams``
+  build the per-member inputs.
   """
 
   def __init__(self, members: Sequence[Member], strategy: str = "auto"):
