@@ -40,6 +40,7 @@ from masc_jax.reporting import (
     COLLECTIVE_TITLES,
     _as_float,
     _id_ranges,
+    class_groups_lines,
     _ordered_rows,
     _ordered_timings,
     _pct,
@@ -219,20 +220,11 @@ def _header_lines(members: list[dict], specs: list[dict], swept: list[str], k: i
     out.append("")
 
     class_groups = [m.get("class_groups") for m in members]
-    if class_groups[0] is not None and all(g == class_groups[0] for g in class_groups):
-        sizes = sorted({len(g) for g in class_groups[0]})
-        out.append(f"K = {k} agents, {'/'.join(map(str, sizes))} classes each.")
-        out.append("")
-        out.extend(f"- Agent {a}: classes {_id_ranges(g)}" for a, g in enumerate(class_groups[0]))
-    elif any(g is not None for g in class_groups):
-        out.append(f"K = {k} agents (class groups differ between members: see results.json).")
-    else:
-        out.append(f"K = {k} agents.")
-    out.append("")
-    out.append("Accuracies in %. Expert: on the agent's own classes; General: on all other "
-               "agents' classes; Average = (Expert + General) / 2.")
-    out.append("")
-    return out
+    if any(g is not None for g in class_groups) and any(g != class_groups[0] for g in class_groups):
+        header = class_groups_lines(k, None)
+        header[0] = f"K = {k} agents (class groups differ between members: see results.json)."
+        return out + header
+    return out + class_groups_lines(k, class_groups[0])
 
 
 def _row_lines(agg: Mapping) -> list[str]:

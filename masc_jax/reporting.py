@@ -243,6 +243,18 @@ def _ordered_timings(timings: Mapping, stages: Any) -> list[tuple[str, Any]]:
 # Markdown
 # ----------------------------------------------------------------------------
 
+def class_groups_lines(k: int, class_groups: Any) -> list[str]:
+    """The report's header: K, each agent's classes (when known), what the accuracies mean."""
+    if class_groups is not None and len(class_groups) > 0:
+        sizes = sorted({len(g) for g in class_groups})
+        out = [f"K = {k} agents, {'/'.join(map(str, sizes))} classes each.", ""]
+        out.extend(f"- Agent {a}: classes {_id_ranges(g)}" for a, g in enumerate(class_groups))
+    else:
+        out = [f"K = {k} agents."]
+    return out + ["", "Accuracies in %. Expert: on the agent's own classes; General: on all other "
+                  "agents' classes; Average = (Expert + General) / 2.", ""]
+
+
 def results_markdown(results: dict) -> str:
     """The Markdown report: per-row agent tables, summary, per-group accuracy,
     collective accuracy, timings and routing diagnostics (the last three only
@@ -253,19 +265,7 @@ def results_markdown(results: dict) -> str:
     direction = results.get("directionality") or {}
     out: list[str] = ["# MASC results", ""]
 
-    class_groups = results.get("class_groups")
-    if class_groups is not None and len(class_groups) > 0:
-        sizes = sorted({len(g) for g in class_groups})
-        m = str(sizes[0]) if len(sizes) == 1 else "/".join(map(str, sizes))
-        out.append(f"K = {k} agents, {m} classes each.")
-        out.append("")
-        out.extend(f"- Agent {a}: classes {_id_ranges(g)}" for a, g in enumerate(class_groups))
-    else:
-        out.append(f"K = {k} agents.")
-    out.append("")
-    out.append("Accuracies in %. Expert: on the agent's own classes; General: on all other "
-               "agents' classes; Average = (Expert + General) / 2.")
-    out.append("")
+    out += class_groups_lines(k, results.get("class_groups"))
 
     for name in order:
         r = rows[name]

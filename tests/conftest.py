@@ -69,3 +69,15 @@ def random_variables(module, sample, seed):
     return jnp.asarray(value, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def markdown_sections(md):
+  """``'## title'`` -> the lines under it (level-2 sections of a Markdown report)."""
+  out, title = {}, None
+  for line in md.splitlines():
+    if line.startswith("## "):
+      title = line[3:].strip()
+      out[title] = []
+    elif title is not None:
+      out[title].append(line)
+  return out

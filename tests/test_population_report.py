@@ -17,6 +17,7 @@ from masc_jax.population_report import (
     write_population_results,
 )
 from test_population_stats import make_member  # tests/ is on sys.path (pytest prepend mode)
+from conftest import markdown_sections
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -58,16 +59,7 @@ def hand_population():
     }
 
 
-def sections(md):
-    """'## title' -> its lines (level-2 sections)."""
-    out, title = {}, None
-    for line in md.splitlines():
-        if line.startswith("## "):
-            title = line[3:].strip()
-            out[title] = []
-        elif title is not None:
-            out[title].append(line)
-    return out
+sections = markdown_sections
 
 
 def cells(line):

@@ -12,6 +12,7 @@ from masc_jax import plots
 from masc_jax.plots import plot_report
 from masc_jax.progress import MetricsLogger, format_duration, progress_line, stage_summary_line
 from masc_jax.reporting import ROW_TITLES, results_markdown, write_results
+from conftest import markdown_sections
 
 K, M, PER_CLASS = 3, 4, 10
 
@@ -80,14 +81,7 @@ def make_results(seed=0, rows=("before_growth", "after_growth", "cc_only", "ra_o
 
 def _sections(md):
     """'## title' -> body text (level-2 sections only)."""
-    out, title = {}, None
-    for line in md.splitlines():
-        if line.startswith("## "):
-            title = line[3:].strip()
-            out[title] = []
-        elif title is not None:
-            out[title].append(line)
-    return {k: "\n".join(v) for k, v in out.items()}
+    return {k: "\n".join(v) for k, v in markdown_sections(md).items()}
 
 
 # ----------------------------------------------------------------------------- markdown
