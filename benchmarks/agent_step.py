@@ -42,6 +42,14 @@ A/B comparisons of a rewrite are far steadier than on 2 cores.
 
 With ``--repeats R`` the sweep runs R times (configs interleaved) and each
 config keeps its fastest median; all medians are in the JSON.
+
+``--dtypes float32,bfloat16`` adds a sweep axis: the networks' compute dtype,
+``config.model.compute_dtype`` as a run sets it (bfloat16: mixed precision,
+float32 parameters, BatchNorm statistics, optimiser state and losses). Every row
+and JSON record names its dtype, and "% peak" uses that dtype's peak.
+``--cast-state`` is a different experiment: it also casts the parameters,
+optimiser state, BatchNorm statistics and frozen models to the dtype (all bf16;
+not something a run can do).
 """
 
 from __future__ import annotations
@@ -65,12 +73,13 @@ STAGES = ("experts", "collective", "altruism")
 # ----------------------------------------------------------------------------- setup
 
 
-def _config(input_name: str, conv_impl: str):
+def _config(input_name: str, conv_impl: str, dtype: str = "float32"):
   """The run's config for the input: cifar (cifar100 protocol, spec widths) or digits."""
   from masc_jax import config_lib
   config = config_lib.load_config("cifar100" if input_name == "cifar" else "digits")
   # load_config's FIELD=VALUE overrides do not parse here (see the report); set directly.
   config.model.conv_impl = conv_impl
+  config.model.compute_dtype = dtype
   return config
 
 
@@ -106,7 +115,11 @@ def forward_flops(widths, pool_after, head_hidden, num_classes, in_channels, hw,
   return flops
 
 
-def model_flops(stage: str, config, inp: dict[str, Any], k: int, b: int) -> float:
+def model_flops(stage: str, config, inp: dict[str, Any], k: int, b: int,
+                teacher_images: int | None = None) -> float:
+  """Analytic FLOPs of one step of ``stage``; ``teacher_images``: images the
+  collective's teachers run on together (default every teacher on the whole
+  batch, K x B; by-owner batches: K x the largest owner group)."""
   m = config.model
   common_args = (m.pool_after, m.head_hidden, inp["num_classes"], inp["channels"], inp["hw"])
   expert_fwd = forward_flops(m.expert_widths, *common_args, b)
@@ -114,7 +127,9 @@ def model_flops(stage: str, config, inp: dict[str, Any], k: int, b: int) -> floa
     return 3 * k * expert_fwd
   coll_fwd = forward_flops(m.collective_widths, *common_args, b)
   if stage == "collective":
-    return 3 * coll_fwd + k * expert_fwd
+    if teacher_images is None:
+      return 3 * coll_fwd + k * expert_fwd
+    return 3 * coll_fwd + forward_flops(m.expert_widths, *common_args, teacher_images)
   backbone = forward_flops(m.collective_widths, *common_args, k * b, with_head=False)
   head = coll_fwd - forward_flops(m.collective_widths, *common_args, b, with_head=False)
   return backbone + k * expert_fwd + 3 * k * head
@@ -134,20 +149,19 @@ def build_jax_step(spec: dict[str, Any]):
   from masc_jax import agents, augment, losses, models, stages
 
   stage, k, b = spec["stage"], spec["agents"], spec["batch"]
-  config = _config(spec["input"], spec["conv_impl"])
+  # spec["dtype"]: the networks' compute dtype (config.model.compute_dtype).
+  config = _config(spec["input"], spec["conv_impl"], spec.get("dtype", "float32"))
   inp = _input_spec(spec["input"])
   num_classes, hw, ch = inp["num_classes"], inp["hw"], inp["channels"]
   expert = models.make_network(config.model, num_classes, config.model.expert_widths)
   collective = models.make_network(config.model, num_classes, config.model.collective_widths)
   tx = stages.make_optimizer(config.optim)
-  dtype = jnp.dtype(spec["dtype"])
+  dtype = jnp.dtype(config.model.compute_dtype)
+  # float32 images as in a run: the networks cast them to their compute dtype.
   aug = functools.partial(augment.augment_and_normalize, mean=np.asarray(inp["mean"], np.float32),
                           std=np.asarray(inp["std"], np.float32),
                           crop_padding=4 if spec["input"] == "cifar" else config.augment.crop_padding,
                           flip=spec["input"] == "cifar" or config.augment.flip)
-  if dtype != jnp.float32:
-    aug_f32 = aug
-    aug = lambda images, rng: aug_f32(images, rng).astype(dtype)
   common_kw = dict(tx=tx, augment=aug, strategy=spec["strategy"])
 
   rng = np.random.default_rng(0)
@@ -190,7 +204,8 @@ def build_jax_step(spec: dict[str, Any]):
   else:
     raise ValueError(f"unknown stage {stage!r}")
 
-  if dtype != jnp.float32:
+  if spec.get("cast_state") and dtype != jnp.float32:
+    # The all-bf16 experiment: parameters, optimiser state and statistics in bf16 too.
     state, frozen = _cast_floats(state, dtype), _cast_floats(frozen, dtype)
     fn_f32 = fn
 
@@ -226,7 +241,7 @@ def jax_worker(spec: dict[str, Any]) -> dict[str, Any]:
                                                     jax.block_until_ready))
   dev = jax.devices()[0]
   flops_model = model_flops(spec["stage"], config, inp, spec["agents"], spec["batch"])
-  peak = common.peak_flops(dev.device_kind, dev.platform, spec["dtype"])
+  peak = common.peak_flops(dev.device_kind, dev.platform, spec.get("dtype", "float32"))
   achieved = flops_model / stats["median_s"]
   return {**spec, **stats, "kind": "jax", "images_per_step": images,
           "images_per_s": images / stats["median_s"], "compile_s": compile_s,
@@ -242,7 +257,7 @@ def jax_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def torch_worker(spec: dict[str, Any]) -> dict[str, Any]:
   from benchmarks import torch_reference
   load_before = common.loadavg()
-  config = _config(spec["input"], "auto")
+  config = _config(spec["input"], "auto")     # PyTorch runs float32 whatever spec["dtype"] says
   inp = _input_spec(spec["input"])
   m = config.model
   threads = spec.get("threads") or os.cpu_count()
@@ -288,8 +303,12 @@ def parse_args(argv=None):
   p.add_argument("--torch-threads", type=int, default=0, help="0: os.cpu_count()")
   p.add_argument("--input", choices=("cifar", "digits"), default="cifar",
                  help="cifar: 32x32x3, 100 classes, spec widths; digits: the digits config")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="bfloat16 casts params, optimiser state and activations (speed experiment only)")
+  p.add_argument("--dtypes", "--dtype", default="float32",
+                 help="comma list of compute dtypes (config.model.compute_dtype: float32,bfloat16); "
+                      "bfloat16 is the library's mixed precision")
+  p.add_argument("--cast-state", action="store_true",
+                 help="also cast params, optimiser state, BN statistics and frozen models to the "
+                      "dtype (the all-bf16 speed experiment; not what a run does)")
   p.add_argument("--donate", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--xla-flags", action="append", default=[],
                  help="appended to XLA_FLAGS for the JAX workers (repeatable; joined with spaces)")
@@ -304,30 +323,38 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+def _dtype_label(r: dict[str, Any]) -> str:
+  dtype = r.get("dtype", "float32")
+  return f"{dtype} (all)" if r.get("cast_state") and dtype != "float32" else dtype
+
+
 def _key(r: dict[str, Any]) -> tuple:
-  return (r["kind"], r["stage"], r["agents"], r.get("strategy"), r.get("conv_impl"))
+  return (r["kind"], r["stage"], r["agents"], r.get("strategy"), r.get("conv_impl"),
+          _dtype_label(r) if r["kind"] == "jax" else None)
 
 
 def make_table(results: list[dict[str, Any]]) -> str:
   jax_rows = [r for r in results if r["kind"] == "jax" and "error" not in r]
   torch_by_k = {r["agents"]: r for r in results if r["kind"] == "torch" and "error" not in r}
-  # K=1 reference: the fastest K=1 step of the same stage and conv impl, any
-  # strategy (at K=1 vmap and unroll compute the same program; taking the
+  # K=1 reference: the fastest K=1 step of the same stage, conv impl and dtype,
+  # any strategy (at K=1 vmap and unroll compute the same program; taking the
   # fastest makes the ratio robust to one noisy K=1 measurement).
   base: dict[tuple, float] = {}
   for r in jax_rows:
     if r["agents"] == 1:
-      key = (r["stage"], r["conv_impl"])
+      key = (r["stage"], r["conv_impl"], _dtype_label(r))
       base[key] = min(base.get(key, float("inf")), r["median_s"])
-  headers = ["stage", "K", "strategy", "conv", "agent-img/s", "step ms", "cpu ms", "vs K=1", "compile s",
+  headers = ["stage", "K", "strategy", "conv", "dtype", "agent-img/s", "step ms", "cpu ms", "vs K=1", "compile s",
              "peak MiB", "GFLOP xla", "GFLOP model", "GFLOP/s", "% peak", "torch img/s",
              "JAX/torch"]
   rows = []
   order = {s: i for i, s in enumerate(STAGES)}
-  for r in sorted(jax_rows, key=lambda r: (order[r["stage"]], r["agents"], r["strategy"], r["conv_impl"])):
+  for r in sorted(jax_rows, key=lambda r: (order[r["stage"]], r["agents"], r["strategy"], r["conv_impl"],
+                                           _dtype_label(r))):
     t = torch_by_k.get(r["agents"]) if r["stage"] == "experts" else None
-    b1 = base.get((r["stage"], r["conv_impl"]))
-    rows.append([r["stage"], r["agents"], r["strategy"], r["conv_impl"], r["images_per_s"],
+    b1 = base.get((r["stage"], r["conv_impl"], _dtype_label(r)))
+    rows.append([r["stage"], r["agents"], r["strategy"], r["conv_impl"], _dtype_label(r),
+                 r["images_per_s"],
                  1e3 * r["median_s"], 1e3 * r["median_cpu_s"], r["median_s"] / b1 if b1 else None,
                  r["compile_s"],
                  r["peak_rss_mib"], r["flops_xla"] / 1e9, r["flops_model"] / 1e9,
@@ -336,7 +363,7 @@ def make_table(results: list[dict[str, Any]]) -> str:
                  t["images_per_s"] if t else None,
                  r["images_per_s"] / t["images_per_s"] if t else None])
   for k, t in sorted(torch_by_k.items()):
-    rows.append(["experts (PyTorch)", k, "sequential", "torch", t["images_per_s"],
+    rows.append(["experts (PyTorch)", k, "sequential", "torch", "float32", t["images_per_s"],
                  1e3 * t["median_s"], 1e3 * t["median_cpu_s"], None, t["setup_s"], t["peak_rss_mib"],
                  None, t["flops_model"] / 1e9,
                  t["flops_model"] / t["median_s"] / 1e9, "n/a", None, None])
@@ -366,18 +393,24 @@ def main(argv=None) -> int:
   bad = [s for s in stages_ if s not in STAGES]
   if bad:
     raise SystemExit(f"unknown stages {bad}; use {STAGES}")
+  from masc_jax import models
+  dtypes = _csv(args.dtypes)
+  bad = [d for d in dtypes if d not in models.COMPUTE_DTYPES]
+  if bad or not dtypes:
+    raise SystemExit(f"--dtypes: use some of {','.join(models.COMPUTE_DTYPES)}, got {args.dtypes!r}")
   base = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, input=args.input,
-              dtype=args.dtype, donate=args.donate, patches=args.patch, cores=args.cores)
+              donate=args.donate, patches=args.patch, cores=args.cores, cast_state=args.cast_state)
   specs = []
   for stage in stages_:
     for k in _csv(args.agents, int):
       for strategy in _csv(args.strategies):
         for impl in _csv(args.conv_impls):
-          specs.append(dict(base, kind="jax", stage=stage, agents=k, strategy=strategy,
-                            conv_impl=impl))
+          for dtype in dtypes:
+            specs.append(dict(base, kind="jax", stage=stage, agents=k, strategy=strategy,
+                              conv_impl=impl, dtype=dtype))
       if args.torch and stage == "experts":
         specs.append(dict(base, kind="torch", stage=stage, agents=k, strategy=None,
-                          conv_impl=None, threads=args.torch_threads))
+                          conv_impl=None, dtype="float32", threads=args.torch_threads))
   env = {}
   if args.xla_flags:
     env["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + args.xla_flags).strip()
@@ -394,7 +427,8 @@ def main(argv=None) -> int:
       r = {**spec, **r, "repeat": rep}
       all_runs.append(r)
       label = (f"[{rep + 1}/{args.repeats}] {spec['stage']} K={spec['agents']} "
-               + (f"{spec['strategy']}/{spec['conv_impl']}" if spec["kind"] == "jax" else "torch"))
+               + (f"{spec['strategy']}/{spec['conv_impl']}/{_dtype_label(spec)}"
+                  if spec["kind"] == "jax" else "torch"))
       if "error" in r:
         print(f"{label}: ERROR {r['error']}", flush=True)
         continue

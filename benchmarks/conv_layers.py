@@ -2,6 +2,7 @@
 
     python -m benchmarks.conv_layers                      # JAX impls xla,im2col + PyTorch
     python -m benchmarks.conv_layers --impls xla --no-torch --layers 1,10
+    python -m benchmarks.conv_layers --impls xla,im2col,tuned --no-torch [--max-isa AVX2]
 
 For each of the 13 conv3x3 layers of the spec's expert network (batch 64,
 CIFAR-size input) times, each in its own jit (median of ``--steps`` calls):
@@ -12,12 +13,28 @@ and the same three for ``torch.nn.functional.conv2d`` (NCHW, autograd with
 only the wanted input requiring grad). JAX and PyTorch run in the same process,
 one after the other, so they see the same machine load; both are told to use
 all cores.
+
+``--impls`` may include ``tuned`` (``conv_impl="tuned"``): its column shows,
+per pass, the time of the tuned conv and, in brackets, the method the tuner
+chose (``masc_jax/conv_tuning.py``). Unless ``$JAX_COMPILATION_CACHE_DIR`` is
+set, the benchmark has no compilation cache, so the tuner measures every
+candidate in this process and writes no plans file. The tuner's own
+per-candidate medians go to ``--out``.
+
+``--max-isa AVX2`` asks every library for an instruction-set cap, to try to
+emulate an AVX2 machine on an AVX-512 one: ``XLA_FLAGS=--xla_cpu_max_isa=AVX2``
+(set before JAX is imported), ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN, in jaxlib
+and in PyTorch) and ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's ATen). XLA's
+generated loops and oneDNN obey; YNNPACK, which runs XLA:CPU's convolutions
+and matmuls by default, picks its kernels from CPUID and does not: see
+benchmarks/README.md ("Emulating AVX2").
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -47,6 +64,13 @@ def _median_ms(fn, steps, warmup=2):
     fn()
     ts.append(time.perf_counter() - t0)
   return 1e3 * float(np.median(ts))
+
+
+def tuned_plan(h, w, cin, cout, batch):
+  """The tuner's decision per pass for one layer (measuring it now): ``{pass: record}``."""
+  import jax.numpy as jnp
+  from masc_jax import conv_tuning
+  return conv_tuning.plan_for((batch, h, w, cin), cout, jnp.float32)
 
 
 def jax_times(h, w, cin, cout, batch, impl, steps):
@@ -97,6 +121,15 @@ def torch_times(h, w, cin, cout, batch, steps, channels_last=False):
           "dw": max(_median_ms(lambda: grad("w"), steps) - f, 0.0)}
 
 
+def isa_environment(isa: str) -> dict[str, str]:
+  """The environment that caps XLA, oneDNN and ATen at ``isa`` (e.g. ``AVX2``)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if f"--xla_cpu_max_isa={isa.upper()}" not in flags.split():
+    flags = f"{flags} --xla_cpu_max_isa={isa.upper()}".strip()
+  return {"XLA_FLAGS": flags, "ONEDNN_MAX_CPU_ISA": isa.upper(),
+          "ATEN_CPU_CAPABILITY": isa.lower()}
+
+
 def main(argv=None) -> int:
   from masc_jax.configs import common as cfg
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,8 +139,19 @@ def main(argv=None) -> int:
   p.add_argument("--layers", default="", help="comma list of layer indices (default: all 13)")
   p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--torch-threads", type=int, default=0)
+  p.add_argument("--max-isa", default="",
+                 help="e.g. AVX2: cap the ISA of XLA (--xla_cpu_max_isa), oneDNN and ATen")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
+  if args.max_isa:
+    env = isa_environment(args.max_isa)
+    if any(os.environ.get(k) != v for k, v in env.items()):
+      if "jax" in sys.modules or "torch" in sys.modules:
+        # Too late for this process (XLA reads its flags once): run in a fresh one.
+        cmd = [sys.executable, "-m", "benchmarks.conv_layers",
+               *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(cmd, env={**os.environ, **env}).returncode
+      os.environ.update(env)
   impls = [i for i in args.impls.split(",") if i]
   layers = expert_layers(cfg.EXPERT_WIDTHS, cfg.POOL_AFTER)
   if args.layers:
@@ -117,7 +161,10 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(args.torch_threads or os.cpu_count())
   print(f"# conv3x3 layers, batch {args.batch}; {common.cpu_model()}, {os.cpu_count()} cores; "
-        f"load {common.loadavg()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+        f"load {common.loadavg()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+        + (f"; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')!r}, "
+           f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')!r}" if args.max_isa else ""),
+        flush=True)
   headers = ["layer", "HxW", "Cin->Cout", "GFLOP fwd"]
   cols = impls + (["torch"] if args.torch else [])
   for c in cols:
@@ -128,9 +175,14 @@ def main(argv=None) -> int:
     row = [i, f"{h}x{w}", f"{cin}->{cout}", 2 * 9 * cin * cout * h * w * args.batch / 1e9]
     rec = {"layer": i, "h": h, "w": w, "cin": cin, "cout": cout}
     for c in cols:
+      plan = tuned_plan(h, w, cin, cout, args.batch) if c == "tuned" else None
       t = (torch_times(h, w, cin, cout, args.batch, args.steps) if c == "torch"
            else jax_times(h, w, cin, cout, args.batch, c, args.steps))
-      row += [t["fwd"], t["dx"], t["dw"]]
+      if plan is None:
+        row += [t["fwd"], t["dx"], t["dw"]]
+      else:
+        row += [f"{t[p]:.3g} ({plan[p]['impl']})" for p in ("fwd", "dx", "dw")]
+        rec["tuned_plan"] = plan
       rec[c] = t
       totals[c] += [t["fwd"], t["dx"], t["dw"]]
     rows.append(row)

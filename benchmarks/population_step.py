@@ -18,7 +18,12 @@ stage named, each ending in ``block_until_ready``. Reported per config:
   GFLOP/s, MFU   ``cost_analysis`` FLOPs are not available through the looped
                  step, so the analytic count of ``benchmarks.agent_step``
                  (x P members) over the step time; MFU against the device's
-                 peak (``common.PEAK_FLOPS``), n/a on CPU.
+                 peak for the row's dtype (``common.PEAK_FLOPS``), n/a on CPU.
+
+``--dtypes float32,bfloat16`` sweeps ``config.model.compute_dtype`` (bfloat16:
+the library's mixed precision); ``--collective-batches shuffled,by_owner``
+sweeps ``config.collective_batches`` (by_owner: each teacher runs on its own
+share of the collective's batch). Every row and JSON record names both.
 
 P=1 is the plain run (no member axis). Results go to
 ``benchmarks/results/population_step_<time>.json`` with the machine named.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -64,15 +70,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
   from masc_jax import config_lib, protocol, train
   from benchmarks import agent_step
 
+  dtype = spec.get("dtype", "float32")
   overrides = [f"seeds={','.join(map(str, range(spec['members'])))}",
-               f"member_map={spec['strategy']}", f"batch_size={spec['batch']}"]
+               f"member_map={spec['strategy']}", f"batch_size={spec['batch']}",
+               f"model.compute_dtype={dtype}",
+               f"collective_batches={spec.get('collective_batches', 'shuffled')}"]
   config = config_lib.load_config(spec["config"], overrides)
   society = train.build_society(config, synthetic_dataset(config))
   run = train.Run(society, "/nonexistent-benchmark", log=lambda _: None)
   init = lambda: train.init_population_state(society, run.init_key)
   state = run.fresh_state(init, train.state_shardings(society, jax.eval_shape(init)))
   dev = jax.devices()[0]
-  peak = common.peak_flops(dev.device_kind, dev.platform, "float32")
+  peak = common.peak_flops(dev.device_kind, dev.platform, dtype)
   out = []
   names = protocol.stage_names(config)
   for stage in spec["stages"]:
@@ -96,9 +105,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     info = society.dataset
     inp = {"hw": info.image_shape[:2], "channels": info.image_shape[2],
            "num_classes": info.num_classes}
+    groups = society.owner_groups
+    teachers_on = (len(groups) * max(groups)
+                   if groups and config.loss.kd_teachers == "owner" else None)
     flops = spec["members"] * agent_step.model_flops(stage, config, inp, config.num_agents,
-                                                     config.batch_size)
-    out.append({**spec, **stats, "stage": stage, "compile_s": compile_s,
+                                                     config.batch_size, teachers_on)
+    out.append({**spec, **stats, "stage": stage, "dtype": dtype, "compile_s": compile_s,
                 "images_per_step": images, "images_per_s": images / stats["median_s"],
                 "flops_model": flops, "flops_per_s": flops / stats["median_s"],
                 "mfu": flops / stats["median_s"] / peak if peak else None,
@@ -110,16 +122,20 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_table(results: list[dict[str, Any]]) -> str:
-  one = {(r["stage"], r["strategy"]): r["median_s"] for r in results if r["members"] == 1}
+  dtype = lambda r: r.get("dtype", "float32")
+  order = lambda r: r.get("collective_batches", "shuffled")
+  setting = lambda r: (r["stage"], r["strategy"], dtype(r), order(r))
+  one = {setting(r): r["median_s"] for r in results if r["members"] == 1}
   rows = []
-  for r in sorted(results, key=lambda r: (STAGES.index(r["stage"]), r["strategy"], r["members"])):
-    base = one.get((r["stage"], r["strategy"]))
-    rows.append([r["stage"], r["members"], f"{r['strategy']} ({r['resolved_strategy']})",
-                 1e3 * r["median_s"], r["images_per_s"], r["median_s"] / base if base else None,
-                 r["compile_s"], r["flops_per_s"] / 1e9,
-                 f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"])
-  return common.markdown_table(["stage", "P", "strategy", "step ms", "member-img/s", "vs P=1",
-                                "compile s", "GFLOP/s", "MFU"], rows)
+  for r in sorted(results, key=lambda r: (STAGES.index(r["stage"]), *setting(r)[1:], r["members"])):
+    base = one.get(setting(r))
+    rows.append([r["stage"], r["members"], f"{r['strategy']} ({r['resolved_strategy']})", dtype(r),
+                 order(r), 1e3 * r["median_s"], r["images_per_s"],
+                 r["median_s"] / base if base else None, r["compile_s"], r["flops_model"] / 1e9,
+                 r["flops_per_s"] / 1e9, f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"])
+  return common.markdown_table(["stage", "P", "strategy", "dtype", "collective batches", "step ms",
+                                "member-img/s", "vs P=1", "compile s", "GFLOP/step", "GFLOP/s",
+                                "MFU"], rows)
 
 
 def main(argv=None) -> int:
@@ -129,6 +145,10 @@ def main(argv=None) -> int:
   p.add_argument("--strategies", default="auto", help="member_map strategies (auto,vmap,unroll,loop)")
   p.add_argument("--stages", default="experts,collective", help=f"comma list of {','.join(STAGES)}")
   p.add_argument("--batch", type=int, default=32, help="per-agent batch (the paper's: 32)")
+  p.add_argument("--dtypes", default="float32",
+                 help="comma list of config.model.compute_dtype values (float32,bfloat16)")
+  p.add_argument("--collective-batches", default="shuffled",
+                 help="comma list of config.collective_batches values (shuffled,by_owner)")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--timeout", type=float, default=1800)
@@ -141,21 +161,31 @@ def main(argv=None) -> int:
   stages = [s for s in args.stages.split(",") if s]
   if any(s not in STAGES for s in stages):
     raise SystemExit(f"--stages: use some of {STAGES}")
+  from masc_jax import models
+  dtypes = [d for d in args.dtypes.split(",") if d]
+  if not dtypes or any(d not in models.COMPUTE_DTYPES for d in dtypes):
+    raise SystemExit(f"--dtypes: use some of {','.join(models.COMPUTE_DTYPES)}, got {args.dtypes!r}")
   machine = common.machine_info()
   print(f"# {machine['cpu_model']}, {machine['cpu_count']} cores; load {common.loadavg()}", flush=True)
+  from masc_jax import batches as batches_lib
+  orders = [o for o in args.collective_batches.split(",") if o]
+  if not orders or any(o not in batches_lib.COLLECTIVE_BATCHES for o in orders):
+    raise SystemExit(f"--collective-batches: use some of {','.join(batches_lib.COLLECTIVE_BATCHES)}")
   results = []
-  for strategy in args.strategies.split(","):
-    for members in map(int, args.members.split(",")):
-      spec = dict(config=args.config, members=members, strategy=strategy, stages=stages,
-                  batch=args.batch, steps=args.steps, warmup=args.warmup)
-      r = common.run_worker("benchmarks.population_step", spec, timeout=args.timeout)
-      if "error" in r:
-        print(f"P={members} {strategy}: ERROR {r['error']}", flush=True)
-        continue
-      for row in r["results"]:
-        print(f"P={members} {strategy} {row['stage']}: {1e3 * row['median_s']:.1f} ms/step, "
-              f"compile {row['compile_s']:.1f}s", flush=True)
-      results += r["results"]
+  for strategy, dtype, order, members in itertools.product(
+      args.strategies.split(","), dtypes, orders, map(int, args.members.split(","))):
+    spec = dict(config=args.config, members=members, strategy=strategy, stages=stages,
+                batch=args.batch, steps=args.steps, warmup=args.warmup, dtype=dtype,
+                collective_batches=order)
+    name = f"P={members} {strategy} {dtype} {order}"
+    r = common.run_worker("benchmarks.population_step", spec, timeout=args.timeout)
+    if "error" in r:
+      print(f"{name}: ERROR {r['error']}", flush=True)
+      continue
+    for row in r["results"]:
+      print(f"{name} {row['stage']}: {1e3 * row['median_s']:.1f} ms/step, "
+            f"{row['flops_model'] / 1e9:.2f} GFLOP, compile {row['compile_s']:.1f}s", flush=True)
+    results += r["results"]
   table = make_table(results)
   print("\n" + table)
   out = args.out or os.path.join(

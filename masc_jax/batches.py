@@ -6,8 +6,8 @@ This module owns the protocol's split of the data among agents (spec,
 classes, and agent k trains on the samples of its group only
 (`make_class_groups`, `agent_indices`). It also owns the order in which
 samples are visited: `AgentBatches` (stacked [K, B] per-agent batches),
-`PooledBatches` (the collective network's batches over the pooled data) and
-`eval_batches` (fixed-shape, padded evaluation batches).
+`PooledBatches` (the collective network's batches over the pooled data),
+`OwnerBatches` (pooled batches of fixed owner composition) and `eval_batches` (fixed-shape, padded evaluation batches).
 
 Everything here is NumPy and hands out *indices* into the train / test arrays
 of a `masc_jax.data.ArrayDataset`; the training loop keeps the images on the
@@ -178,6 +178,11 @@ def _check_step(step: int) -> int:
 # built with the same seed still draw independent streams.
 _AGENT_STREAM = 0
 _POOLED_STREAM = 1
+_OWNER_STREAM = 2
+
+# How the collective's batches are drawn (config.collective_batches).
+SHUFFLED, BY_OWNER = "shuffled", "by_owner"
+COLLECTIVE_BATCHES = (SHUFFLED, BY_OWNER)
 
 
 class AgentBatches:
@@ -283,6 +288,86 @@ class PooledBatches:
         assert self._cached_perm is not None
         start = position * self.batch_size
         return self._cached_perm[start : start + self.batch_size].copy()
+
+
+def owner_group_sizes(agent_sizes: Sequence[int], batch_size: int) -> tuple[int, ...]:
+    """How many of a pooled batch's B images each agent owns, in proportion to its data.
+
+    ``floor(B * n_k / n)`` each, then the leftover images one by one to the
+    largest remainders (ties: the lower agent). The sizes sum to B, and over an
+    epoch every agent is drawn in the share a shuffled pooled batch has on average.
+    """
+    sizes = np.asarray(agent_sizes, dtype=np.int64)
+    if sizes.ndim != 1 or sizes.size == 0 or (sizes <= 0).any():
+        raise ValueError(f"agent_sizes must be positive counts; got {list(agent_sizes)}.")
+    batch_size, _ = _check_batch_args(batch_size, 0)
+    exact = batch_size * sizes / sizes.sum()
+    groups = np.floor(exact).astype(np.int64)
+    leftover = batch_size - int(groups.sum())
+    order = np.argsort(-(exact - groups), kind="stable")
+    groups[order[:leftover]] += 1
+    return tuple(int(g) for g in groups)
+
+
+class OwnerBatches:
+    """Pooled batches of fixed owner composition, for the collective network.
+
+    Every batch is K contiguous groups: the first ``group_sizes[0]`` images are
+    agent 0's, the next ``group_sizes[1]`` agent 1's, and so on
+    (``owner_group_sizes``). With ``kd_teachers=owner`` the collective step then
+    runs each expert on its own group only, B teacher forwards instead of K x B.
+
+    Agent k's images come from its own stream: its indices reshuffled with
+    np.random.default_rng((seed, 2, e, k)) each time the stream has used them all
+    (pass e), read ``group_sizes[k]`` at a time. An epoch is n // B steps, as for
+    `PooledBatches`, so schedules and step counts do not change.
+    `indices(step)` is a pure function of (seed, step).
+    """
+
+    def __init__(self, per_agent_indices: Sequence[np.ndarray], batch_size: int, seed: int) -> None:
+        """Args:
+        per_agent_indices: K arrays of indices into the train set (see agent_indices).
+        batch_size: B.
+        seed: non-negative int.
+        """
+        self.batch_size, self.seed = _check_batch_args(batch_size, seed)
+        self._indices = [_as_index_array(ix, f"per_agent_indices[{k}]")
+                         for k, ix in enumerate(per_agent_indices)]
+        self.group_sizes = owner_group_sizes([len(ix) for ix in self._indices], self.batch_size)
+        n = sum(len(ix) for ix in self._indices)
+        if n < self.batch_size:
+            raise ValueError(
+                f"the pool has {n} samples, fewer than batch_size={self.batch_size}: "
+                f"it cannot fill one batch. Lower the batch size to at most {n}.")
+        self.steps_per_epoch = n // self.batch_size
+        self._passes: dict[tuple[int, int], np.ndarray] = {}
+
+    def _pass(self, k: int, e: int) -> np.ndarray:
+        """Agent k's indices in the order of its stream's pass e (a few kept)."""
+        if (k, e) not in self._passes:
+            if len(self._passes) > 4 * len(self._indices):
+                self._passes.clear()
+            ix = self._indices[k]
+            rng = np.random.default_rng((self.seed, _OWNER_STREAM, e, k))
+            self._passes[(k, e)] = ix[rng.permutation(ix.shape[0])]
+        return self._passes[(k, e)]
+
+    def _take(self, k: int, start: int, count: int) -> np.ndarray:
+        """``count`` entries of agent k's endless stream from position ``start``."""
+        n_k = self._indices[k].shape[0]
+        out, position = [], start
+        while position < start + count:
+            e, offset = divmod(position, n_k)
+            chunk = self._pass(k, e)[offset: offset + start + count - position]
+            out.append(chunk)
+            position += chunk.shape[0]
+        return np.concatenate(out) if out else np.empty(0, np.int32)
+
+    def indices(self, step: int) -> np.ndarray:
+        """[B] int32 train-set indices for global step `step`, grouped by owner."""
+        step = _check_step(step)
+        return np.concatenate([self._take(k, step * size, size)
+                               for k, size in enumerate(self.group_sizes)]).astype(np.int32)
 
 
 def eval_batches(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:

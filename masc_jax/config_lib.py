@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from masc_jax import agents, data, losses, models, population, routing
+from masc_jax import agents, batches, data, losses, models, population, routing
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 # Every get_config() file in masc_jax/configs/ is a registered config, found by its name.
@@ -208,6 +208,7 @@ def _field_errors(config: ml_collections.ConfigDict) -> list[str]:
   if _is_number(m.dropout_rate):
     need(m.dropout_rate < 1.0, f"model.dropout_rate must be < 1, got {m.dropout_rate!r}")
   one_of("model.conv_impl", m.conv_impl, models.CONV_IMPLS)
+  one_of("model.compute_dtype", m.compute_dtype, models.COMPUTE_DTYPES)
 
   o = config.optim
   number("optim.learning_rate", o.learning_rate, 0.0, low_open=True)
@@ -235,6 +236,7 @@ def _field_errors(config: ml_collections.ConfigDict) -> list[str]:
   number("routing_margin", config.routing_margin, 0.0)
 
   positive_int("seed", config.seed, minimum=0)
+  one_of("collective_batches", config.collective_batches, batches.COLLECTIVE_BATCHES)
   one_of("agent_map", config.agent_map, agents.AGENT_MAP_STRATEGIES)
   one_of("member_map", config.member_map, population.MEMBER_MAP_STRATEGIES)
   positive_int("num_devices", config.num_devices, minimum=0)

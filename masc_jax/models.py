@@ -12,6 +12,18 @@ them under the variable names ``backbone`` and ``head``, so
 
 BatchNorm state lives in the ``batch_stats`` collection and is threaded
 functionally: ``apply(..., train=True, mutable=["batch_stats"])``.
+
+Mixed precision (``dtype``, the config's ``model.compute_dtype``): with
+``bfloat16`` every convolution and dense layer takes bf16 inputs and kernels
+(cast from the float32 parameters on the way in, so gradients reach the
+parameters as float32) and the activations between layers are bf16. What stays
+float32: every parameter, BatchNorm's batch statistics and running averages
+(flax computes them in at least float32 and normalises in float32 before
+rounding its output to bf16), and the logits, cast back to float32 at the end
+of ``Head``, so every loss, free energy and routing decision is float32. The
+optimiser sees only float32 parameters and gradients. ``float32`` (the
+default) is the plain float32 network: every cast is then a no-op and the
+program is the one the library always compiled.
 """
 
 from __future__ import annotations
@@ -23,7 +35,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ("auto", "xla", "im2col")
+CONV_IMPLS = ("auto", "xla", "im2col", "tuned")
+# Names accepted for ``dtype`` / ``model.compute_dtype``: what matmuls, convolutions
+# and activations run in. Parameters are float32 either way (see the module doc).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # PyTorch's default init for conv and linear weights (kaiming_uniform with
 # a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1/(3 fan_in).
@@ -36,6 +51,17 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 # every backend. See BUILD_NOTES.md "Performance" for the measurements (4 was
 # 2-3% cheaper per step on one core; within noise, and 16 is kept).
 IM2COL_MAX_PIXELS = 16
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+  """``dtype`` (a jnp dtype or its name) as a ``jnp.dtype``; one of ``COMPUTE_DTYPES``."""
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError:
+    resolved = None
+  if resolved is None or resolved.name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+  return resolved
 
 
 def im2col_3x3(x: jax.Array) -> jax.Array:
@@ -55,13 +81,20 @@ def conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
   """3x3, stride 1, SAME convolution without bias.
 
   Args:
-    x: ``[B, H, W, Cin]`` (any number of leading batch dims for ``im2col``).
+    x: ``[B, H, W, Cin]`` (any number of leading batch dims for ``im2col`` and
+      ``tuned``).
     kernel: ``[3, 3, Cin, Cout]`` (HWIO).
-    impl: ``xla`` (``lax.conv_general_dilated``), ``im2col`` (patches @ kernel)
-      or ``auto`` (im2col for maps of at most ``IM2COL_MAX_PIXELS`` pixels).
+    impl: ``xla`` (``lax.conv_general_dilated``, ``xla_conv3x3``), ``im2col``
+      (patches @ kernel, autodiff), ``auto`` (im2col for maps of at most
+      ``IM2COL_MAX_PIXELS`` pixels, else xla) or ``tuned``: forward, input
+      gradient and filter gradient each by the implementation measured fastest
+      for this layer's shape and dtype on this machine (``planned_conv3x3``
+      with a plan from ``masc_jax/conv_tuning.py``, which measures once, at
+      trace time, and keeps the choice beside the compilation cache).
 
   Returns:
-    ``[B, H, W, Cout]``, equal in value (to float rounding) for every impl.
+    ``[B, H, W, Cout]``, equal in value and gradients (to float rounding) for
+    every impl.
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
@@ -69,7 +102,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
   if impl == "auto":
     impl = "im2col" if h * w <= IM2COL_MAX_PIXELS else "xla"
   if impl == "im2col":
-    return im2col_3x3(x) @ kernel.reshape(9 * cin, kernel.shape[-1])
+    return _im2col_conv3x3(x, kernel)
+  if impl == "tuned":
+    return planned_conv3x3(x, kernel, TUNED_PLAN)
   return xla_conv3x3(x, kernel)
 
 
@@ -81,7 +116,126 @@ def _lax_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                       dimension_numbers=_NHWC)
 
 
-@jax.custom_vjp
+def _im2col_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return im2col_3x3(x) @ kernel.reshape(9 * x.shape[-1], kernel.shape[-1])
+
+
+# The exact ways to compute each pass of the convolution; a plan
+# ``(fwd, dx, dw)`` names one per pass (``planned_conv3x3``). Each function
+# takes ``(x, kernel)`` (fwd) or ``(x, kernel, g)`` (dx, dw; ``g`` is the
+# output gradient, and dx reads only the shape of ``x``, dw only that of
+# ``kernel``).
+#   fwd  xla         lax.conv_general_dilated
+#        im2col      patches @ kernel
+#   dx   xla         the transposed lax conv (autodiff's input gradient of lax.conv)
+#        im2col      patches of g @ the flipped, in/out-swapped kernel
+#        im2col_vjp  autodiff of the im2col forward (g @ kernel^T, then the
+#                    adjoint of the patch extraction: nine shifted adds)
+#   dw   xla         a lax conv with the operands' roles swapped (see xla_conv3x3)
+#        lax_vjp     autodiff's filter gradient of lax.conv
+#        im2col      patches^T @ g
+def _dx_xla(x, kernel, g):
+  return jax.vjp(lambda x_: _lax_conv3x3(x_, kernel), x)[1](g)[0]
+
+
+def _dx_im2col(x, kernel, g):
+  del x
+  # dx = g correlated with the kernel rotated by 180 degrees, in and out swapped.
+  return _im2col_conv3x3(g, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))
+
+
+def _dx_im2col_vjp(x, kernel, g):
+  return jax.vjp(lambda x_: _im2col_conv3x3(x_, kernel), x)[1](g)[0]
+
+
+def _dw_xla(x, kernel, g):
+  del kernel
+  # out[co, i, j, ci] = sum_{b,h,w} g_padded[b, h + i, w + j, co] * x[b, h, w, ci],
+  # i.e. the correlation of g with x as the kernel: tap (ti, tj) of the filter
+  # gradient is out[:, 2 - ti, 2 - tj, :].
+  roles = jax.lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2),
+                                       out_spec=(0, 3, 1, 2))
+  out = jax.lax.conv_general_dilated(g, x, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                     dimension_numbers=roles)          # [Cout, 3, 3, Cin]
+  return jnp.transpose(out[:, ::-1, ::-1, :], (1, 2, 3, 0))          # [3, 3, Cin, Cout]
+
+
+def _dw_lax_vjp(x, kernel, g):
+  return jax.vjp(lambda k_: _lax_conv3x3(x, k_), kernel)[1](g)[0]
+
+
+def _dw_im2col(x, kernel, g):
+  lead = tuple(range(x.ndim - 1))
+  dw = jnp.tensordot(im2col_3x3(x), g, axes=(lead, lead))           # [9*Cin, Cout]
+  return dw.reshape(kernel.shape)
+
+
+CONV_PASSES = {
+    "fwd": {"xla": _lax_conv3x3, "im2col": _im2col_conv3x3},
+    "dx": {"xla": _dx_xla, "im2col": _dx_im2col, "im2col_vjp": _dx_im2col_vjp},
+    "dw": {"xla": _dw_xla, "lax_vjp": _dw_lax_vjp, "im2col": _dw_im2col},
+}
+# A plan entry "tuned" is looked up (conv_tuning.choose) when that pass is
+# traced: a forward-only program (evaluation) never measures the backward passes.
+TUNED = "tuned"
+TUNED_PLAN = (TUNED, TUNED, TUNED)
+XLA_PLAN = ("xla", "xla", "xla")
+
+
+def conv3x3_pass(pass_name: str, impl: str, *args: jax.Array) -> jax.Array:
+  """One pass of the convolution by one exact method: ``CONV_PASSES[pass_name][impl](*args)``."""
+  return CONV_PASSES[pass_name][impl](*args)
+
+
+def _resolve(pass_name: str, impl: str, x: jax.Array, kernel: jax.Array) -> str:
+  if impl != TUNED:
+    return impl
+  from masc_jax import conv_tuning           # imports this module
+
+  return conv_tuning.choose(pass_name, x.shape, kernel.shape[-1], x.dtype)
+
+
+def planned_conv3x3(x: jax.Array, kernel: jax.Array, plan: Sequence[str]) -> jax.Array:
+  """``conv3x3`` with each pass computed as ``plan = (fwd, dx, dw)`` says.
+
+  Each entry is a key of ``CONV_PASSES[pass]`` or ``"tuned"`` (measured for
+  this layer's shape when the pass is traced, ``masc_jax/conv_tuning.py``).
+  Every plan gives the same value and gradients to float rounding
+  (tests/test_conv_tuning.py). ``x``: ``[..., H, W, Cin]`` (leading dims are
+  flattened into one batch dim). Reverse-mode only (no ``jax.jvp``).
+  """
+  plan = tuple(plan)
+  if len(plan) != 3 or any(impl != TUNED and impl not in CONV_PASSES[p]
+                           for p, impl in zip(CONV_PASSES, plan)):
+    raise ValueError(f"a conv plan is (fwd, dx, dw) with fwd in {tuple(CONV_PASSES['fwd'])}, "
+                     f"dx in {tuple(CONV_PASSES['dx'])}, dw in {tuple(CONV_PASSES['dw'])} "
+                     f"(or {TUNED!r}), got {plan!r}")
+  lead = x.shape[:-3]
+  y = _planned_conv3x3(x.reshape((-1,) + x.shape[-3:]), kernel, plan)
+  return y.reshape(lead + y.shape[1:])
+
+
+def _planned_forward(x, kernel, plan):
+  return conv3x3_pass("fwd", _resolve("fwd", plan[0], x, kernel), x, kernel)
+
+
+_planned_conv3x3 = jax.custom_vjp(_planned_forward, nondiff_argnums=(2,))
+
+
+def _planned_fwd(x, kernel, plan):
+  return _planned_forward(x, kernel, plan), (x, kernel)
+
+
+def _planned_bwd(plan, residuals, g):
+  x, kernel = residuals
+  dx = conv3x3_pass("dx", _resolve("dx", plan[1], x, kernel), x, kernel, g)
+  dw = conv3x3_pass("dw", _resolve("dw", plan[2], x, kernel), x, kernel, g)
+  return dx, dw
+
+
+_planned_conv3x3.defvjp(_planned_fwd, _planned_bwd)
+
+
 def xla_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """``lax.conv_general_dilated`` 3x3 SAME, ``[B, H, W, Cin] -> [B, H, W, Cout]``.
 
@@ -95,30 +249,10 @@ def xla_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   in transposed order, 31 ms of a 450 ms expert step for the 32x32 layer
   alone. Here the output gradient takes that role instead (its producer is
   cheap to transpose) and the activations become the kernel, a transpose that
-  keeps channels contiguous. Reverse-mode only (no ``jax.jvp``).
+  keeps channels contiguous. Reverse-mode only (no ``jax.jvp``). It is the
+  plan ``XLA_PLAN`` of ``planned_conv3x3``.
   """
-  return _lax_conv3x3(x, kernel)
-
-
-def _xla_conv3x3_fwd(x, kernel):
-  return _lax_conv3x3(x, kernel), (x, kernel)
-
-
-def _xla_conv3x3_bwd(residuals, g):
-  x, kernel = residuals
-  dx = jax.vjp(lambda x_: _lax_conv3x3(x_, kernel), x)[1](g)[0]
-  # out[co, i, j, ci] = sum_{b,h,w} g_padded[b, h + i, w + j, co] * x[b, h, w, ci],
-  # i.e. the correlation of g with x as the kernel: tap (ti, tj) of the filter
-  # gradient is out[:, 2 - ti, 2 - tj, :].
-  roles = jax.lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2),
-                                       out_spec=(0, 3, 1, 2))
-  out = jax.lax.conv_general_dilated(g, x, window_strides=(1, 1), padding=((1, 1), (1, 1)),
-                                     dimension_numbers=roles)          # [Cout, 3, 3, Cin]
-  dkernel = jnp.transpose(out[:, ::-1, ::-1, :], (1, 2, 3, 0))       # [3, 3, Cin, Cout]
-  return dx, dkernel
-
-
-xla_conv3x3.defvjp(_xla_conv3x3_fwd, _xla_conv3x3_bwd)
+  return planned_conv3x3(x, kernel, XLA_PLAN)
 
 
 @jax.custom_vjp
@@ -177,16 +311,22 @@ max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
 class Conv3x3(nn.Module):
-  """3x3 SAME convolution with bias; ``impl`` picks how it is computed."""
+  """3x3 SAME convolution with bias; ``impl`` picks how it is computed.
+
+  Parameters are float32; input, kernel and bias are cast to ``dtype`` first,
+  so the convolution and its output are in ``dtype`` (see the module doc).
+  """
   features: int
   impl: str = "auto"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = compute_dtype(self.dtype)
     kernel = self.param("kernel", torch_default_kernel_init,
                         (3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return conv3x3(x, kernel, self.impl) + bias
+    return conv3x3(x.astype(dtype), kernel.astype(dtype), self.impl) + bias.astype(dtype)
 
 
 class Backbone(nn.Module):
@@ -196,18 +336,24 @@ class Backbone(nn.Module):
     widths: output channels of each conv block.
     pool_after: 0-based block indices followed by a 2x2/2 max-pool.
     conv_impl: see ``conv3x3``.
+    dtype: compute dtype of the convolutions and of the activations (and so of
+      the returned features); see the module doc.
   """
   widths: Sequence[int]
   pool_after: Sequence[int]
   conv_impl: str = "auto"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    dtype = compute_dtype(self.dtype)
     for i, width in enumerate(self.widths):
-      x = Conv3x3(width, impl=self.conv_impl, name=f"conv{i}")(x)
+      x = Conv3x3(width, impl=self.conv_impl, dtype=dtype, name=f"conv{i}")(x)
       # momentum=0.9 here is PyTorch's momentum=0.1 (the update weight of the new batch).
+      # ``dtype`` is only BatchNorm's output dtype: its statistics, running
+      # averages and normalisation arithmetic are float32 (flax promotes them).
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       name=f"bn{i}")(x)
+                       dtype=dtype, param_dtype=jnp.float32, name=f"bn{i}")(x)
       x = nn.relu(x)
       if i in self.pool_after:
         x = max_pool_2x2(x)
@@ -215,20 +361,28 @@ class Backbone(nn.Module):
 
 
 class Head(nn.Module):
-  """Classifier: ``[B, F] -> [B, num_classes]`` logits."""
+  """Classifier: ``[B, F] -> [B, num_classes]`` float32 logits.
+
+  The dense layers compute in ``dtype`` (features of any float dtype are cast
+  to it); the logits are cast to float32 whatever ``dtype`` is.
+  """
   hidden: Sequence[int]
   num_classes: int
   dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, features: jax.Array, train: bool) -> jax.Array:
+    dtype = compute_dtype(self.dtype)
     x = features
     for i, width in enumerate(self.hidden):
-      x = nn.Dense(width, kernel_init=torch_default_kernel_init, name=f"dense{i}")(x)
+      x = nn.Dense(width, kernel_init=torch_default_kernel_init, dtype=dtype,
+                   param_dtype=jnp.float32, name=f"dense{i}")(x)
       x = nn.relu(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, kernel_init=torch_default_kernel_init,
-                    name="logits")(x)
+    logits = nn.Dense(self.num_classes, kernel_init=torch_default_kernel_init, dtype=dtype,
+                      param_dtype=jnp.float32, name="logits")(x)
+    return logits.astype(jnp.float32)
 
 
 class Network(nn.Module):
@@ -239,10 +393,11 @@ class Network(nn.Module):
   num_classes: int
   dropout_rate: float = 0.5
   conv_impl: str = "auto"
+  dtype: Any = jnp.float32          # compute dtype (module doc); parameters are float32
 
   def setup(self):
-    self.backbone = Backbone(self.widths, self.pool_after, self.conv_impl)
-    self.head = Head(self.head_hidden, self.num_classes, self.dropout_rate)
+    self.backbone = Backbone(self.widths, self.pool_after, self.conv_impl, self.dtype)
+    self.head = Head(self.head_hidden, self.num_classes, self.dropout_rate, self.dtype)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     return self.head(self.backbone(x, train), train)
@@ -250,12 +405,14 @@ class Network(nn.Module):
 
 def backbone_of(network: Network) -> Backbone:
   """A standalone ``Backbone`` with ``network``'s fields (applies to ``params["backbone"]``)."""
-  return Backbone(network.widths, network.pool_after, network.conv_impl, parent=None)
+  return Backbone(network.widths, network.pool_after, network.conv_impl, network.dtype,
+                  parent=None)
 
 
 def head_of(network: Network) -> Head:
   """A standalone ``Head`` with ``network``'s fields (a new RA head on its backbone)."""
-  return Head(network.head_hidden, network.num_classes, network.dropout_rate, parent=None)
+  return Head(network.head_hidden, network.num_classes, network.dropout_rate, network.dtype,
+              parent=None)
 
 
 def feature_map_sizes(image_hw: tuple[int, int], num_blocks: int,
@@ -281,7 +438,8 @@ def make_network(model_config: Any, num_classes: int, widths: Sequence[int]) -> 
   """A ``Network`` from a config's ``model`` section and a width list."""
   return Network(widths=tuple(widths), pool_after=tuple(model_config.pool_after),
                  head_hidden=tuple(model_config.head_hidden), num_classes=num_classes,
-                 dropout_rate=model_config.dropout_rate, conv_impl=model_config.conv_impl)
+                 dropout_rate=model_config.dropout_rate, conv_impl=model_config.conv_impl,
+                 dtype=model_config.compute_dtype)
 
 
 def count_params(params: Any) -> int:

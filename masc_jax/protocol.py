@@ -114,7 +114,8 @@ def _collective_step(society: Society, spec: StageSpec) -> StepFn:
       stages.collective_step, network=society.collective_network,
       teacher_network=society.expert_network,
       class_owner=jnp.asarray(society.class_groups.class_owner), settings=_settings(society),
-      loss_fn=_collective_loss(society, spec).fn, **_common(society))
+      loss_fn=_collective_loss(society, spec).fn, owner_groups=society.owner_groups,
+      **_common(society))
 
 
 def _altruism_loss(society: Society, spec: StageSpec) -> losses.RegisteredLoss:

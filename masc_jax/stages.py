@@ -23,6 +23,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from masc_jax import agents, losses, routing
@@ -122,7 +123,8 @@ def collective_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Arr
                     augment: Augment, class_owner: jax.Array,
                     settings: losses.LossSettings = losses.LossSettings(),
                     loss_fn: Callable[..., tuple[jax.Array, losses.Terms]] = losses.collaboration_loss,
-                    strategy: str = "auto") -> tuple[ModelState, dict[str, jax.Array]]:
+                    strategy: str = "auto", owner_groups: tuple[int, ...] | None = None,
+                    ) -> tuple[ModelState, dict[str, jax.Array]]:
   """Stage 2: the collective S takes one step of its loss (L_CC) on a pooled batch.
 
   Args:
@@ -136,6 +138,11 @@ def collective_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Arr
     loss_fn: ``(logits [B, C], labels [B], teacher_logits [K, B, C] | None,
       class_owner, settings) -> (total, terms)``: ``losses.collaboration_loss``
       or another registered CC loss.
+    owner_groups: the batch's owner composition (``batches.OwnerBatches``: the
+      first ``owner_groups[0]`` images are agent 0's, and so on), or ``None`` for
+      a batch in any order. With ``kd_teachers=owner`` each expert then runs on
+      its own group only (B teacher forwards, not K x B), and ``loss_fn`` gets
+      the owners' logits as one teacher ``[1, B, C]`` that owns every class.
 
   Returns:
     new state, scalar metrics: the loss's terms and ``accuracy``.
@@ -144,7 +151,16 @@ def collective_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Arr
   x = augment(batch["image"], aug_rng)
   labels = batch["label"]
   teacher_logits = None
-  if teachers is not None:
+  if teachers is not None and owner_groups is not None and settings.kd_teachers == "owner":
+    gather, back = owner_group_index(owner_groups)
+    # Each expert on its own group only: its owner's logits are all the loss reads.
+    grouped = agents.agent_map(
+        lambda v, xk: teacher_network.apply(v, xk, train=False), strategy=strategy)(
+            teachers, x[gather])                                       # [K, m, C]
+    owner_logits = grouped.reshape((-1, grouped.shape[-1]))[back]      # [B, C]
+    teacher_logits = jax.lax.stop_gradient(owner_logits)[None]         # [1, B, C]
+    class_owner = jnp.zeros_like(class_owner)
+  elif teachers is not None:
     # Every expert sees the same augmented batch; their logits are constants here.
     teacher_logits = agents.agent_map(
         lambda v: teacher_network.apply(v, x, train=False), strategy=strategy)(teachers)
@@ -159,6 +175,27 @@ def collective_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Arr
 
   (_, (batch_stats, logits, terms)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   return _update(state, grads, batch_stats, tx), {**terms, "accuracy": _accuracy(logits, labels)}
+
+
+def owner_group_index(owner_groups: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """Static indices between a batch grouped by owner and its per-agent groups.
+
+  Returns:
+    ``gather [K, m]`` (m = the largest group): the batch positions of agent k's
+    group, a short group padded by repeating its last image (an empty group
+    reads position 0; its outputs are never used); and ``back [B]``: where each
+    batch position's output sits in the flattened ``[K * m]`` group outputs.
+  """
+  width = max(max(owner_groups), 1)
+  gather = np.zeros((len(owner_groups), width), np.int32)
+  back = np.zeros(sum(owner_groups), np.int32)
+  start = 0
+  for k, size in enumerate(owner_groups):
+    if size:
+      gather[k] = start + np.minimum(np.arange(width), size - 1)
+      back[start:start + size] = k * width + np.arange(size)
+    start += size
+  return gather, back
 
 
 def altruism_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Array,
@@ -255,9 +292,11 @@ def grown_outputs(heads: PyTree, collective: PyTree, x: jax.Array, *, network: n
     the free energies ``head_energy [K, B]``, ``collective_energy [B]`` at the
     routing temperature (``masc_jax.routing_diagnostics`` summarises them).
   """
-  s_logits = collective_logits(collective, x, network=network)
+  del network   # S is ``head(backbone(x))``: composed below so that the backbone runs once
+  # S's backbone once: its features feed S's own head and every agent's head.
   backbone_vars = {name: tree["backbone"] for name, tree in collective.items()}
   features = backbone.apply(backbone_vars, x, train=False)
+  s_logits = head.apply({"params": collective["params"]["head"]}, features, train=False)
   head_logits = agents.agent_map(
       lambda v: head.apply(v, features, train=False), strategy=strategy)(heads)
   grown, uses_head = routing.grown_agent_logits(s_logits, head_logits, routing_settings.temperature,

@@ -60,7 +60,8 @@ class Society:
   backbone: models.Backbone
   head: models.Head
   agent_batches: batches.AgentBatches
-  pooled_batches: batches.PooledBatches
+  pooled_batches: batches.PooledBatches | batches.OwnerBatches
+  owner_groups: tuple[int, ...] | None   # by_owner: each agent's share of a collective batch
   train_images: jax.Array        # [N, H, W, Ch] uint8, replicated on the mesh
   train_labels: jax.Array        # [N] int32
   test_images: jax.Array
@@ -77,7 +78,7 @@ class Society:
       return self
     return dataclasses.replace(self, config=population.with_settings(self.config, settings))
 
-  def batches_of(self, spec: StageSpec) -> batches.AgentBatches | batches.PooledBatches:
+  def batches_of(self, spec: StageSpec) -> Any:
     return self.agent_batches if spec.batches == protocol.PER_AGENT else self.pooled_batches
 
   def total_steps(self, spec: StageSpec) -> int:
@@ -116,6 +117,12 @@ def build_society(config: ml_collections.ConfigDict,
   collective = models.make_network(config.model, dataset.num_classes,
                                    config.model.collective_widths)
   rep = sharding.replicated(mesh)
+  if config.collective_batches == batches.BY_OWNER:
+    owner_groups = batches.owner_group_sizes([len(ix) for ix in per_agent], config.batch_size)
+    make_pooled = lambda m: batches.OwnerBatches(per_agent, config.batch_size, seed=m.seed)
+  else:
+    owner_groups = None
+    make_pooled = lambda m: batches.PooledBatches(pooled, config.batch_size, seed=m.seed)
   return Society(
       config=config, dataset=dataset, class_groups=groups, mesh=mesh,
       expert_network=expert, collective_network=collective,
@@ -123,8 +130,7 @@ def build_society(config: ml_collections.ConfigDict,
       # Distinct data streams per batch kind, all from the member's seed.
       agent_batches=members.batches(
           lambda m: batches.AgentBatches(per_agent, config.batch_size, seed=m.seed)),
-      pooled_batches=members.batches(
-          lambda m: batches.PooledBatches(pooled, config.batch_size, seed=m.seed)),
+      pooled_batches=members.batches(make_pooled), owner_groups=owner_groups,
       train_images=jax.device_put(dataset.train_images, rep),
       train_labels=jax.device_put(dataset.train_labels.astype(np.int32), rep),
       test_images=jax.device_put(dataset.test_images, rep),

@@ -38,6 +38,11 @@ class WorkdirError(RuntimeError):
   """The workdir cannot be used, or belongs to another config or another live run."""
 
 
+# Result-changing config fields added after runs were first saved, with the
+# value that does what the library did before the field existed.
+FIELDS_ADDED_LATER = {"collective_batches": "shuffled", "model.compute_dtype": "float32"}
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in tree.items():
@@ -74,6 +79,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str,
     raise WorkdirError(f"{path} is not a config this program wrote ({e}); "
                        "use another --workdir") from None
   current = _result_fields(_flatten(json.loads(config.to_json())))
+  # A run saved before a field existed ran with the behaviour the field's
+  # old value names (not necessarily today's default).
+  saved = {**{k: v for k, v in FIELDS_ADDED_LATER.items() if k not in saved}, **saved}
   diffs = [f"{k}: saved {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
   if diffs and not allow_config_change:

@@ -209,9 +209,14 @@ MUTANTS = (
            "masc_jax/train.py", "return spec.make_step(society.with_settings(settings), spec)(",
            "return spec.make_step(society, spec)(",
            ("tests/test_population.py::test_members_match_their_single_runs_step_by_step",)),
+    Mutant("owner-groups-ignored", "each teacher's logits go to its own group's images",
+           "masc_jax/stages.py", "owner_logits = grouped.reshape((-1, grouped.shape[-1]))[back]",
+           "owner_logits = grouped.reshape((-1, grouped.shape[-1]))[jnp.sort(back)[::-1]]",
+           ("tests/test_stages.py::test_collective_step_owner_groups_equal_all_teachers",)),
     Mutant("members-share-data-order", "each member draws its own data order",
-           "masc_jax/train.py", "lambda m: batches.PooledBatches(pooled, config.batch_size, seed=m.seed)",
-           "lambda m: batches.PooledBatches(pooled, config.batch_size, seed=0)",
+           "masc_jax/train.py",
+           "make_pooled = lambda m: batches.OwnerBatches(per_agent, config.batch_size, seed=m.seed)",
+           "make_pooled = lambda m: batches.OwnerBatches(per_agent, config.batch_size, seed=0)",
            ("tests/test_population.py::test_each_member_draws_the_data_order_of_its_seed",)),
 )
 

@@ -46,6 +46,7 @@ def test_load_errors(spec, overrides, message):
     ("optim.momentum=1.5", "optim.momentum must be a number in \\[0.0, 1.0\\]"),
     ("model.dropout_rate=1.0", "model.dropout_rate must be < 1"),
     ("model.conv_impl='cudnn'", "model.conv_impl must be one of auto, xla, im2col"),
+    ("model.compute_dtype=float16", "model.compute_dtype must be one of float32, bfloat16, got 'float16'"),
     ("agent_map='pmap'", "agent_map must be one of auto, vmap, unroll"),
     ("epochs.collective=0", "epochs.collective must be an integer >= 1"),
     ("dataset='mnist'", "dataset must be one of cifar100, cifar10, digits"),

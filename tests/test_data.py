@@ -285,6 +285,42 @@ def test_pooled_batches() -> None:
         batches.PooledBatches(np.arange(10), batch_size=32, seed=0)
 
 
+@pytest.mark.parametrize("sizes,bs,expected", [
+    ((100, 100, 100), 32, (11, 11, 10)),   # 10.67 each: the two largest remainders, lower first
+    ((50, 150), 8, (2, 6)),                # exact shares
+    ((10, 20, 30), 4, (1, 1, 2)),          # 0.67, 1.33, 2.0
+    ((1, 1, 1, 1), 2, (1, 1, 0, 0)),       # fewer images than agents: some groups are empty
+])
+def test_owner_group_sizes_by_hand(sizes, bs, expected) -> None:
+    assert batches.owner_group_sizes(sizes, bs) == expected
+    with pytest.raises(ValueError, match="positive counts"):
+        batches.owner_group_sizes((3, 0), 2)
+
+
+def test_owner_batches() -> None:
+    agents = [np.arange(0, 40), np.arange(100, 170), np.arange(200, 230)]   # 40, 70 and 30 images
+    owner = batches.OwnerBatches(agents, batch_size=10, seed=1)
+    assert owner.group_sizes == batches.owner_group_sizes((40, 70, 30), 10) == (3, 5, 2)
+    assert owner.steps_per_epoch == 140 // 10
+    steps = 30                                        # agent 2 wraps its stream twice
+    straight = [owner.indices(s) for s in range(steps)]
+    bounds = np.cumsum((0,) + owner.group_sizes)
+    for k, ix in enumerate(agents):
+        # Each batch's k-th group is agent k's; its stream visits every image once per pass.
+        stream = np.concatenate([b[bounds[k]:bounds[k + 1]] for b in straight])
+        assert set(stream.tolist()) <= set(ix.tolist())
+        for start in range(0, len(stream) - len(ix) + 1, len(ix)):
+            assert sorted(stream[start:start + len(ix)].tolist()) == ix.tolist()
+    assert straight[0].shape == (10,) and straight[0].dtype == np.int32
+    resumed = batches.OwnerBatches(agents, batch_size=10, seed=1)
+    for s in (29, 7, 0, 15):
+        np.testing.assert_array_equal(resumed.indices(s), straight[s])
+    other = batches.OwnerBatches(agents, batch_size=10, seed=2)
+    assert not np.array_equal(other.indices(0), straight[0])
+    with pytest.raises(ValueError, match=r"the pool has 3 samples, fewer than batch_size=4"):
+        batches.OwnerBatches([np.arange(2), np.arange(2, 3)], batch_size=4, seed=0)
+
+
 def test_batch_order_pinned() -> None:
     """The RNG streams are part of the contract: these values were produced
     before the class-group / batch code moved to masc_jax.batches."""

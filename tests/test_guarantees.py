@@ -247,13 +247,12 @@ def test_the_run_draws_its_initialisation_and_data_order_from_config_seed(tmp_pa
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     per_agent = batches.agent_indices(society.dataset.train_labels, society.class_groups)
-    pooled = np.sort(np.concatenate(per_agent))
     np.testing.assert_array_equal(
         society.agent_batches.indices(7),
         batches.AgentBatches(per_agent, society.config.batch_size, seed).indices(7))
     np.testing.assert_array_equal(
         society.pooled_batches.indices(7),
-        batches.PooledBatches(pooled, society.config.batch_size, seed).indices(7))
+        batches.OwnerBatches(per_agent, society.config.batch_size, seed).indices(7))
   three, four = society_and_state(3)[0], society_and_state(4)[0]
   assert not np.array_equal(three.agent_batches.indices(0), four.agent_batches.indices(0))
 

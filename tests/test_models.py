@@ -260,10 +260,11 @@ def test_backbone_of_and_head_of_reproduce_network() -> None:
 
 def test_head_of_and_backbone_of_keep_the_network_fields() -> None:
     net = models.Network(widths=(3, 5), pool_after=(1,), head_hidden=(7, 6), num_classes=4,
-                         dropout_rate=0.3, conv_impl="im2col")
+                         dropout_rate=0.3, conv_impl="im2col", dtype="bfloat16")
     head, backbone = models.head_of(net), models.backbone_of(net)
     assert (tuple(head.hidden), head.num_classes, head.dropout_rate) == ((7, 6), 4, 0.3)
     assert (tuple(backbone.widths), tuple(backbone.pool_after), backbone.conv_impl) == ((3, 5), (1,), "im2col")
+    assert head.dtype == backbone.dtype == "bfloat16"
     # The standalone head drops out in train mode (a new RA head trains with dropout).
     feats = jnp.asarray(np.random.default_rng(0).standard_normal((16, 10)), jnp.float32)
 
@@ -274,15 +275,16 @@ def test_head_of_and_backbone_of_keep_the_network_fields() -> None:
 
     a, b = two_train_passes(feats)
     assert not np.allclose(np.asarray(a), np.asarray(b))
+    assert a.dtype == jnp.float32                  # a bf16 head still returns float32 logits
 
 
 def test_make_network_reads_the_model_config() -> None:
     model_config = types.SimpleNamespace(pool_after=[0, 2], head_hidden=[12], dropout_rate=0.25,
-                                         conv_impl="xla")
+                                         conv_impl="xla", compute_dtype="bfloat16")
     net = models.make_network(model_config, num_classes=7, widths=[3, 4, 5])
     assert isinstance(net, models.Network)
     assert (net.widths, net.pool_after, net.head_hidden) == ((3, 4, 5), (0, 2), (12,))
-    assert (net.num_classes, net.dropout_rate, net.conv_impl) == (7, 0.25, "xla")
+    assert (net.num_classes, net.dropout_rate, net.conv_impl, net.dtype) == (7, 0.25, "xla", "bfloat16")
 
 
 def test_batchnorm_statistics_update_only_in_train_mode() -> None:
@@ -384,6 +386,7 @@ def test_feature_map_sizes_errors(hw, blocks, pools, match) -> None:
     ("ties: relu zeros", (2, 6, 6, 4), "relu"),
     ("odd sizes", (2, 7, 5, 3), "normal"),
     ("stacked [K, B, ...]", (2, 3, 4, 4, 2), "ints"),
+    ("bfloat16 (rounding makes ties)", (3, 8, 8, 5), "bf16"),
 ])
 def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(name, shape, kind):
     rng = np.random.default_rng(0)
@@ -392,10 +395,197 @@ def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(name, shape, ki
         x = rng.integers(0, 3, shape)
     elif kind == "relu":
         x = np.maximum(x, 0)
-    x = jnp.asarray(x, jnp.float32)
+    dtype = jnp.bfloat16 if kind == "bf16" else jnp.float32
+    x = jnp.asarray(x, dtype)
     reference = lambda a: nn.max_pool(a, (2, 2), strides=(2, 2))
     y_ref, vjp_ref = jax.vjp(reference, x)
     y, vjp = jax.jit(lambda a: jax.vjp(models.max_pool_2x2, a))(x)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref), err_msg=name)
-    g = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(y_ref.shape), dtype)
     np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), err_msg=name)
+    assert y.dtype == vjp(g)[0].dtype == dtype
+
+
+# ----------------------------------------------------------------------------- mixed precision (bf16)
+#
+# dtype="bfloat16": convolutions, dense layers and activations in bf16; parameters,
+# BatchNorm statistics, gradients, optimiser state and logits in float32. Each
+# check compares with the float32 network on the same parameters, with bounds
+# from bf16's precision: errors well below a few eps (so the bf16 path is
+# right) and well above float32 rounding (so the bf16 path is really taken).
+
+BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)          # 2**-7 (8 significand bits)
+NET16 = NET.clone(dtype="bfloat16")
+
+
+def _rel(a, b) -> float:
+    """||a - b|| / ||b|| in float64 over whole pytrees."""
+    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(a)])
+    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(b)])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _cosine(a, b) -> float:
+    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(a)])
+    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(b)])
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _assert_bf16_rounding(got, want, what: str) -> None:
+    err = _rel(got, want)
+    assert BF16_EPS / 100 < err < 4 * BF16_EPS, f"{what}: relative error {err:.2e}"
+
+
+def _matmul_dtypes(closed_jaxpr) -> list[tuple[str, tuple[str, ...]]]:
+    """(primitive, operand dtypes) of every conv and dot, custom-VJP and jit bodies included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+            if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+                found.append((eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars)))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                        walk(sub)
+    walk(closed_jaxpr)
+    return found
+
+
+def _assert_all_bf16(closed_jaxpr, what: str) -> None:
+    ops = _matmul_dtypes(closed_jaxpr)
+    # NET has a conv at 8x8 (lax.conv under "auto") and one at 4x4 (im2col), and dense layers.
+    assert ops, what
+    assert all(dtypes == ("bfloat16", "bfloat16") for _, dtypes in ops), (what, ops)
+
+
+def test_compute_dtype_names() -> None:
+    assert models.compute_dtype("bfloat16") == jnp.bfloat16
+    assert models.compute_dtype(jnp.float32) == jnp.float32
+    for bad in ("float16", "fp32", None):
+        with pytest.raises(ValueError, match="compute dtype must be one of float32, bfloat16"):
+            models.compute_dtype(bad)
+
+
+def test_conv3x3_impls_in_bfloat16() -> None:
+    # bf16 operands: bf16 value and bf16 cotangents (custom VJP included), equal to
+    # the float64 convolution of the same (bf16-rounded) numbers to bf16 precision.
+    x, kernel, cot = (a.astype(jnp.bfloat16) for a in _conv_inputs(2, 8, 8, 3, 4, seed=3))
+    results = _conv_all_impls(x, kernel, cot)
+    expected = (np_conv3x3(x, kernel), *np_conv3x3_grads(x, kernel, cot))
+    for impl in models.CONV_IMPLS:
+        for name, got, want in zip(("value", "dx", "dkernel"), results[impl], expected):
+            assert got.dtype == jnp.bfloat16, (impl, name)
+            err = _rel(got, want)
+            assert err < 2 * BF16_EPS, f"{impl} {name}: relative error {err:.2e}"
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_and_f32_passes():
+    variables, x = _net_setup()
+
+    @jax.jit
+    def passes(variables, x):
+        dropout = {"dropout": jax.random.key(1)}
+        bb_vars = {"params": variables["params"]["backbone"],
+                   "batch_stats": variables["batch_stats"]["backbone"]}
+        features = models.backbone_of(NET16).apply(bb_vars, x, train=False)
+        return {
+            "eval32": NET.apply(variables, x, train=False),
+            "eval16": NET16.apply(variables, x, train=False),
+            "features16": features,
+            "composed16": models.head_of(NET16).apply({"params": variables["params"]["head"]},
+                                                      features, train=False),
+            "train32": NET.apply(variables, x, train=True, mutable=["batch_stats"], rngs=dropout),
+            "train16": NET16.apply(variables, x, train=True, mutable=["batch_stats"], rngs=dropout),
+        }
+    return passes(variables, x)
+
+
+def test_bfloat16_network_computes_in_bf16_and_returns_float32_logits() -> None:
+    variables, x = _net_setup()
+    # Parameters and BatchNorm statistics are float32 in a bf16 network.
+    shapes = jax.eval_shape(lambda: NET16.init({"params": jax.random.key(0)}, x, train=False))
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    # Every conv and matmul takes bf16 operands; the float32 network has no bf16 at all.
+    _assert_all_bf16(jax.make_jaxpr(lambda v: NET16.apply(v, x, train=False))(variables), "eval")
+    assert "bf16" not in str(jax.make_jaxpr(lambda v: NET.apply(v, x, train=False))(variables))
+    out = _bf16_and_f32_passes()
+    for name in ("eval16", "composed16"):
+        assert out[name].dtype == jnp.float32 and out[name].shape == (B, C), name
+    assert out["train16"][0].dtype == jnp.float32
+    assert out["features16"].dtype == jnp.bfloat16          # the backbone's output: activations
+    _assert_bf16_rounding(out["eval16"], out["eval32"], "eval logits")
+    _assert_bf16_rounding(out["train16"][0], out["train32"][0], "train logits")
+    # backbone_of / head_of carry the dtype: composing them is the bf16 network.
+    np.testing.assert_array_equal(np.asarray(out["composed16"]), np.asarray(out["eval16"]))
+
+
+def test_bfloat16_batchnorm_statistics_stay_float32() -> None:
+    variables, _ = _net_setup()
+    out = _bf16_and_f32_passes()
+    stats16, stats32 = out["train16"][1]["batch_stats"], out["train32"][1]["batch_stats"]
+    assert {leaf.dtype for leaf in jax.tree.leaves(stats16)} == {jnp.dtype(jnp.float32)}
+    # The batch's own statistics (running = 0.9 running + 0.1 batch), from bf16 activations.
+    batch = lambda new: jax.tree.map(lambda n, o: (n - 0.9 * o) / 0.1, new, variables["batch_stats"])
+    _assert_bf16_rounding(batch(stats16), batch(stats32), "batch statistics")
+
+
+@functools.lru_cache(maxsize=None)
+def _expert_steps():
+    """One stage-1 step (``stages.expert_step``, K=1) from the same state: the float32
+    network, and the bf16 network with each conv impl; one compile for all four."""
+    from masc_jax import agents, stages
+    optim = types.SimpleNamespace(learning_rate=0.05, momentum=0.9, weight_decay=0.0, grad_clip_norm=0.0)
+    tx = stages.make_optimizer(optim)      # no weight decay: the first update is -lr x gradient
+    variables, _ = _net_setup()
+    state = agents.stack_agents([stages.ModelState(params=variables["params"],
+                                                   batch_stats=variables["batch_stats"],
+                                                   opt_state=tx.init(variables["params"]))])
+    rng = np.random.default_rng(1)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (1, B, 8, 8, CIN)), jnp.uint8),
+             "label": jnp.asarray(rng.integers(0, C, (1, B)), jnp.int32)}
+    augment = lambda images, _: (images.astype(jnp.float32) / 255.0 - 0.5) / 0.25
+    nets = {"f32": NET, **{impl: NET16.clone(conv_impl=impl) for impl in models.CONV_IMPLS}}
+    step = lambda net, state: stages.expert_step(state, batch, jax.random.key(3), network=net, tx=tx,
+                                                 augment=augment, strategy="unroll")
+    jaxprs = {impl: jax.make_jaxpr(functools.partial(step, nets[impl]))(state)
+              for impl in models.CONV_IMPLS}
+    # The gradient that reaches the float32 parameters (shapes and dtypes only).
+    x = augment(batch["image"][0], None)
+    grad_dtypes = {impl: {leaf.dtype for leaf in jax.tree.leaves(jax.eval_shape(jax.grad(
+        lambda p, net=nets[impl]: net.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
+                                            train=True, mutable=["batch_stats"],
+                                            rngs={"dropout": jax.random.key(0)})[0].sum()),
+        variables["params"]))} for impl in models.CONV_IMPLS}
+    results = jax.jit(lambda state: {name: step(net, state) for name, net in nets.items()})(state)
+    return state, results, jaxprs, grad_dtypes
+
+
+@pytest.mark.parametrize("impl", models.CONV_IMPLS)
+def test_bfloat16_expert_step_keeps_float32_state_and_follows_float32_step(impl) -> None:
+    before, results, jaxprs, grad_dtypes = _expert_steps()
+    (new32, metrics32), (new16, metrics16) = results["f32"], results[impl]
+    # Forward and backward convs and matmuls all in bf16 (the custom VJP's included) ...
+    _assert_all_bf16(jaxprs[impl], f"expert step, {impl}")
+    # ... the gradient reaching the float32 parameters is float32, and the new
+    # parameters, BatchNorm statistics and optimiser state are float32.
+    assert grad_dtypes[impl] == {jnp.dtype(jnp.float32)}
+    for part in (new16.params, new16.batch_stats, new16.opt_state):
+        assert {leaf.dtype for leaf in jax.tree.leaves(part)
+                if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+    assert metrics16["ce"].dtype == jnp.float32
+    # (A mean over the batch: its error is smaller than the logits', so no lower bound.)
+    assert _rel(metrics16["ce"], metrics32["ce"]) < 4 * BF16_EPS
+    # The step itself (new - old parameters = -lr x gradient) follows the float32 step.
+    step = lambda new: jax.tree.map(lambda n, o: n - o, new.params, before.params)
+    assert _cosine(step(new16), step(new32)) > 0.999
+    _assert_bf16_rounding(step(new16), step(new32), f"{impl} parameter update")
+    ref = dict(jax.tree_util.tree_leaves_with_path(step(new32)))
+    for path, update in jax.tree_util.tree_leaves_with_path(step(new16)):
+        name = jax.tree_util.keystr(path)
+        # A conv bias just before a train-mode BatchNorm has gradient exactly 0 (the
+        # batch mean removes it): in both dtypes it is rounding noise, not comparable.
+        if "conv" in name and "bias" in name:
+            continue
+        assert _cosine(update, ref[path]) > 0.99, name

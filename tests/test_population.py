@@ -53,12 +53,11 @@ def test_members_are_the_grid_crossed_with_the_seeds():
 def test_each_member_draws_the_data_order_of_its_seed():
   """Stacked batches: member p's indices are those of a batch order seeded with its seed."""
   society = train.build_society(config_lib.load_config("tiny", POPULATION))
-  pooled = np.sort(np.concatenate(batches.agent_indices(society.dataset.train_labels,
-                                                        society.class_groups)))
+  per_agent_ix = batches.agent_indices(society.dataset.train_labels, society.class_groups)
   for step in (0, 7):
     got = society.pooled_batches.indices(step)                        # [P, B]
     for p, member in enumerate(society.members.members):
-      want = batches.PooledBatches(pooled, society.config.batch_size, seed=member.seed)
+      want = batches.OwnerBatches(per_agent_ix, society.config.batch_size, seed=member.seed)
       np.testing.assert_array_equal(got[p], want.indices(step))
     assert not np.array_equal(got[0], got[1])                         # seeds 3 and 5 differ
     per_agent = society.agent_batches.indices(step)                    # [P, K, B]
@@ -189,6 +188,19 @@ def test_a_diverging_member_is_named_with_its_seed_and_settings(tmp_path):
   message = str(raised.value)
   assert "optim.learning_rate=1e+30" in message and "stage experts" in message
   assert "optim.learning_rate=0.05" not in message
+
+
+def test_a_field_added_after_a_run_started_is_what_the_run_did(tmp_path):
+  """A workdir saved before a config field existed resumes when the field says what
+  that run did (the behaviour before the field), and is refused when it does not."""
+  saved = json.loads(config_lib.load_config("tiny").to_json())
+  del saved["collective_batches"], saved["model"]["compute_dtype"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  workdir_lib.check_workdir(config_lib.load_config("tiny", ["collective_batches=shuffled"]),
+                            str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=re.escape("collective_batches: saved 'shuffled', now 'by_owner'")):
+    workdir_lib.check_workdir(config_lib.load_config("tiny"), str(tmp_path))
 
 
 def test_a_changed_seed_list_or_sweep_is_a_config_change(tmp_path):

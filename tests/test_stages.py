@@ -259,6 +259,38 @@ def test_collective_step_teachers_change_the_update() -> None:
                            np.asarray(state_kd.params["head"]["logits"]["kernel"]))
 
 
+def test_owner_group_index_by_hand() -> None:
+    # Groups of 2, 0 and 3 images: padded to 3 by repeating a group's last image.
+    gather, back = stages.owner_group_index((2, 0, 3))
+    np.testing.assert_array_equal(gather, [[0, 1, 1], [0, 0, 0], [2, 3, 4]])
+    np.testing.assert_array_equal(back, [0, 1, 6, 7, 8])
+
+
+# Batches grouped by owner (CLASS_OWNER: agent 0 owns 1 and 3, agent 1 owns 0 and 5, agent 2 owns
+# 2 and 4); one with an empty group.
+@pytest.mark.parametrize("groups,labels", [((2, 1, 1), [3, 1, 5, 4]), ((3, 0, 1), [1, 3, 1, 2])])
+def test_collective_step_owner_groups_equal_all_teachers(groups, labels) -> None:
+    # With kd_teachers=owner, running each expert on its own group only is the same step as
+    # running every expert on every image and reading the owner's logits; and it does less work.
+    tx, experts, collective, _, _, _, pooled, _ = _setup()
+    batch = {"image": pooled["image"], "label": jnp.asarray(labels, jnp.int32)}
+    assert [int(CLASS_OWNER[l]) for l in labels] == [k for k, n in enumerate(groups) for _ in range(n)]
+    owner = LOSS.replace(kd_teachers="owner")
+    make = lambda owner_groups: jax.jit(functools.partial(
+        stages.collective_step, network=COLLECTIVE, teacher_network=EXPERT, tx=tx, augment=_augment,
+        class_owner=CLASS_OWNER, settings=owner, owner_groups=owner_groups))
+    args = (collective, batch, COLLECTIVE_RNG, experts.variables())
+    every_state, every_metrics = make(None)(*args)
+    own_state, own_metrics = make(groups)(*args)
+    assert float(every_metrics["kd"]) > 0
+    for name in every_metrics:
+        np.testing.assert_allclose(float(own_metrics[name]), float(every_metrics[name]), **TOL,
+                                   err_msg=name)
+    chex.assert_trees_all_close(own_state, every_state, **TOL)
+    flops = lambda fn: fn.lower(*args).compile().cost_analysis()["flops"]
+    assert flops(make(groups)) < flops(make(None))
+
+
 # ----------------------------------------------------------------------------- stage 3: altruism
 
 

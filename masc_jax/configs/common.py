@@ -33,7 +33,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.pool_after = POOL_AFTER
   config.model.head_hidden = (1024, 1024)
   config.model.dropout_rate = 0.5
-  config.model.conv_impl = "auto"      # auto | xla | im2col (see models.conv3x3)
+  config.model.conv_impl = "auto"      # auto | xla | im2col | tuned (measured per layer: models.conv3x3)
+  # float32 | bfloat16: what convolutions, dense layers and activations compute in.
+  # bfloat16 is mixed precision: parameters, BatchNorm statistics, optimiser state,
+  # logits and losses stay float32 (see masc_jax/models.py). Meant for TPUs and
+  # GPUs with bf16 tensor cores; on a 2-core CPU it was slower than float32.
+  config.model.compute_dtype = "float32"
 
   # Optimisation [ref]: SGD, coupled weight decay, no schedule.
   config.optim = ml_collections.ConfigDict()
@@ -43,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.grad_clip_norm = 0.0    # > 0: clip each model's global gradient norm
   config.batch_size = 32               # per agent (stages 1 and 3) and for the collective (stage 2)
   config.eval_batch_size = 500
+  # The collective's batches (stage 2), both over the pooled data: "by_owner" gives
+  # each agent a fixed share of every batch, in proportion to its data, so that
+  # with kd_teachers=owner each expert teaches only its own share (B teacher
+  # forwards a step instead of K x B; on digits the same results within the
+  # 5-seed intervals, BUILD_NOTES); "shuffled" draws each batch from one shuffle.
+  config.collective_batches = "by_owner"
 
   config.epochs = ml_collections.ConfigDict()
   config.epochs.experts = 100
