@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from masc_jax import agents
+from masc_jax import agents, sharding
 
 PyTree = Any
 
@@ -287,9 +287,14 @@ def step_in_turn(jitted_member_step: Callable, example: tuple, frozen: PyTree, h
   frozen_of, hparams_of = split(frozen), split(hparams)
   compiled = jitted_member_step.lower(*split(example)[0], frozen_of[0], hparams_of[0]).compile()
 
+  one_at_a_time = sharding.one_program_at_a_time()    # several CPU devices: see there
+
   def step(model_state, batch, rng, unused_frozen):
-    outs = [compiled(*inputs, frozen_of[p], hparams_of[p])
-            for p, inputs in enumerate(split((model_state, batch, rng)))]
+    outs = []
+    for p, inputs in enumerate(split((model_state, batch, rng))):
+      outs.append(compiled(*inputs, frozen_of[p], hparams_of[p]))
+      if one_at_a_time:
+        jax.block_until_ready(outs[-1])
     return _stack([out[0] for out in outs]), _stack([out[1] for out in outs])
 
   return step

@@ -111,6 +111,22 @@ def describe_layout(mesh: Mesh, batch_size: int) -> list[str]:
   return notes
 
 
+def one_program_at_a_time() -> bool:
+  """Whether to wait for each step's program before dispatching the next one.
+
+  True with several CPU devices in this process. A program's collectives then
+  need every local device's part running at once, on XLA:CPU's dispatch pool of
+  max(cores, devices) threads; programs queued back to back can leave one
+  device's part waiting for a thread that another part, blocked in the
+  collective, holds. Seen here: a 1-process x 2-device gloo population hung in
+  an all-gather (one part waiting on its device's in-flight semaphore); with
+  in-process collectives the same starvation ends in XLA's rendezvous timeout,
+  as the 5-device report of issue 12 did. Accelerators queue programs on
+  streams instead, and one device per process has nothing to wait for.
+  """
+  return jax.local_device_count() > 1 and jax.default_backend() == "cpu"
+
+
 def stacked(mesh: Mesh, members: bool = False) -> NamedSharding:
   """Leaves ``[K, ...]`` (population: ``[P, K, ...]``) split along the agent axis."""
   return NamedSharding(mesh, with_members(P(AGENTS), members))

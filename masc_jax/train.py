@@ -371,6 +371,7 @@ class Run:
     step_log = StepLog(spec, total, society.images_per_step(spec), config.log_every_steps,
                        self.offsets[name], self.log, self.metrics_log, self.members)
     model_state = state[name]
+    one_at_a_time = sharding.one_program_at_a_time()
     t_start = time.perf_counter()
     for step in range(start, total):
       if self.offsets[name] + step == config.debug_nan_step:
@@ -379,6 +380,8 @@ class Run:
             params=jax.tree.map(lambda p: p * jnp.nan, model_state.params))
       model_state, metrics = compiled(model_state, get_batch(step),
                                       self.members.fold_in(stage_key, step), frozen)
+      if one_at_a_time:
+        jax.block_until_ready(model_state)
       step_log.add(step, metrics)
       done = step + 1
       faults.reach("step", name)
