@@ -292,8 +292,7 @@ def grown_outputs(heads: PyTree, collective: PyTree, x: jax.Array, *, network: n
     the free energies ``head_energy [K, B]``, ``collective_energy [B]`` at the
     routing temperature (``masc_jax.routing_diagnostics`` summarises them).
   """
-  del network   # S is ``head(backbone(x))``: composed below so that the backbone runs once
-  # S's backbone once: its features feed S's own head and every agent's head.
+  del network   # S is ``head(backbone(x))``: one backbone pass feeds S's head and every agent's
   backbone_vars = {name: tree["backbone"] for name, tree in collective.items()}
   features = backbone.apply(backbone_vars, x, train=False)
   s_logits = head.apply({"params": collective["params"]["head"]}, features, train=False)
