@@ -315,7 +315,8 @@ class OwnerBatches:
     Every batch is K contiguous groups: the first ``group_sizes[0]`` images are
     agent 0's, the next ``group_sizes[1]`` agent 1's, and so on
     (``owner_group_sizes``). With ``kd_teachers=owner`` the collective step then
-    runs each expert on its own group only, B teacher forwards instead of K x B.
+    runs each expert on its own group only: K x the largest group (about B)
+    teacher forwards instead of K x B.
 
     Agent k's images come from its own stream: its indices reshuffled with
     np.random.default_rng((seed, 2, e, k)) each time the stream has used them all

@@ -141,8 +141,9 @@ def collective_step(state: ModelState, batch: dict[str, jax.Array], rng: jax.Arr
     owner_groups: the batch's owner composition (``batches.OwnerBatches``: the
       first ``owner_groups[0]`` images are agent 0's, and so on), or ``None`` for
       a batch in any order. With ``kd_teachers=owner`` each expert then runs on
-      its own group only (B teacher forwards, not K x B), and ``loss_fn`` gets
-      the owners' logits as one teacher ``[1, B, C]`` that owns every class.
+      its own group only (K x the largest group, about B teacher forwards, not
+      K x B), and ``loss_fn`` gets the owners' logits as one teacher
+      ``[1, B, C]`` that owns every class.
 
   Returns:
     new state, scalar metrics: the loss's terms and ``accuracy``.

@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 500
   # The collective's batches (stage 2), both over the pooled data: "by_owner" gives
   # each agent a fixed share of every batch, in proportion to its data, so that
-  # with kd_teachers=owner each expert teaches only its own share (B teacher
+  # with kd_teachers=owner each expert teaches only its own share (about B teacher
   # forwards a step instead of K x B; on digits the same results within the
   # 5-seed intervals, BUILD_NOTES); "shuffled" draws each batch from one shuffle.
   config.collective_batches = "by_owner"
