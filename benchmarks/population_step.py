@@ -67,7 +67,7 @@ def synthetic_dataset(config):
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
   import jax
-  from masc_jax import config_lib, protocol, train
+  from masc_jax import config_lib, protocol, stages, train
   from benchmarks import agent_step
 
   dtype = spec.get("dtype", "float32")
@@ -106,7 +106,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     inp = {"hw": info.image_shape[:2], "channels": info.image_shape[2],
            "num_classes": info.num_classes}
     groups = society.owner_groups
-    teachers_on = (len(groups) * max(groups)
+    teachers_on = (stages.owner_group_index(groups)[0].size     # [K, largest group]
                    if groups and config.loss.kd_teachers == "owner" else None)
     flops = spec["members"] * agent_step.model_flops(stage, config, inp, config.num_agents,
                                                      config.batch_size, teachers_on)

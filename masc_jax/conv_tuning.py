@@ -62,7 +62,6 @@ import json
 import os
 import re
 import statistics
-import tempfile
 import threading
 import time
 import warnings
@@ -71,7 +70,7 @@ from typing import Any
 
 import numpy as np
 
-from masc_jax import compile_cache, models, multihost
+from masc_jax import compile_cache, models, multihost, paths
 
 FILE_NAME = "conv_plans.json"
 VERSION = 1
@@ -323,9 +322,8 @@ class Tuner:
     """Adds ``record`` to the file (merging); returns the record now in the file for ``name``."""
     if self.path is None:
       return record
-    folder = os.path.dirname(os.path.abspath(self.path))
     try:
-      os.makedirs(folder, exist_ok=True)
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
       with _locked(self.path + ".lock"):
         data = read_plans(self.path)
         entries = data["machines"].setdefault(self.machine, {})
@@ -333,15 +331,7 @@ class Tuner:
           return dict(entries[name])        # another run measured it first: use its choice
         entries[name] = record
         data["version"] = VERSION
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{FILE_NAME}.", suffix=".tmp")
-        try:
-          with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-          os.replace(tmp, self.path)
-        except BaseException:
-          with contextlib.suppress(OSError):
-            os.unlink(tmp)
-          raise
+        paths.write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
     except OSError as e:
       warnings.warn(f"cannot write the conv plans file {self.path} ({e}); "
                     "keeping the plan in memory", stacklevel=2)
