@@ -253,8 +253,13 @@ def compile_stage(society: Society, spec: StageSpec, state: dict[str, stages.Mod
   if looped:
     return population.step_in_turn(jitted, example, frozen, hparams, members.size), frozen, get_batch
   compiled = jitted.lower(*example, frozen, hparams).compile()
-  return (lambda model_state, batch, rng, frozen: compiled(model_state, batch, rng, frozen, hparams),
-          frozen, get_batch)
+  one_at_a_time = sharding.one_program_at_a_time()    # several CPU devices: see there
+
+  def step(model_state, batch, rng, frozen):
+    out = compiled(model_state, batch, rng, frozen, hparams)
+    return jax.block_until_ready(out) if one_at_a_time else out
+
+  return step, frozen, get_batch
 
 
 def frozen_inputs(society: Society, spec: StageSpec, state: dict[str, stages.ModelState]) -> PyTree:
@@ -371,7 +376,6 @@ class Run:
     step_log = StepLog(spec, total, society.images_per_step(spec), config.log_every_steps,
                        self.offsets[name], self.log, self.metrics_log, self.members)
     model_state = state[name]
-    one_at_a_time = sharding.one_program_at_a_time()
     t_start = time.perf_counter()
     for step in range(start, total):
       if self.offsets[name] + step == config.debug_nan_step:
@@ -380,8 +384,6 @@ class Run:
             params=jax.tree.map(lambda p: p * jnp.nan, model_state.params))
       model_state, metrics = compiled(model_state, get_batch(step),
                                       self.members.fold_in(stage_key, step), frozen)
-      if one_at_a_time:
-        jax.block_until_ready(model_state)
       step_log.add(step, metrics)
       done = step + 1
       faults.reach("step", name)
