@@ -74,7 +74,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
   overrides = [f"seeds={','.join(map(str, range(spec['members'])))}",
                f"member_map={spec['strategy']}", f"batch_size={spec['batch']}",
                f"model.compute_dtype={dtype}",
-               f"collective_batches={spec.get('collective_batches', 'shuffled')}"]
+               f"collective_batches={spec.get('collective_batches', 'shuffled')}",
+               *spec.get("variant", [])]
   config = config_lib.load_config(spec["config"], overrides)
   society = train.build_society(config, synthetic_dataset(config))
   run = train.Run(society, "/nonexistent-benchmark", log=lambda _: None)
@@ -90,17 +91,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled, frozen, get_batch = train.compile_stage(society, stage_spec, state, 0, key)
     compile_s = time.perf_counter() - t0
-    holder = {"state": state[stage]}
+    # As the training loop does: members in turn keep their states apart within a stage.
+    holder = {"state": compiled.unstack(state[stage])}
     batches = [get_batch(i) for i in range(spec["warmup"] + spec["steps"])]
 
     def call(i):
-      holder["state"], metrics = compiled(holder["state"], batches[i],
-                                          society.members.fold_in(key, i), frozen)
+      holder["state"], metrics = compiled.step_members(holder["state"], batches[i],
+                                                       society.members.fold_in(key, i), frozen)
       return holder["state"], metrics
 
     stats = common.summarize_times(*common.time_calls(call, spec["steps"], spec["warmup"],
-                                                      jax.block_until_ready))
-    state = {**state, stage: holder["state"]}
+                                                      lambda out: compiled.ready(out[0])))
+    state = {**state, stage: compiled.stack(holder["state"])}
     images = society.images_per_step(stage_spec)
     info = society.dataset
     inp = {"hw": info.image_shape[:2], "channels": info.image_shape[2],
@@ -111,6 +113,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     flops = spec["members"] * agent_step.model_flops(stage, config, inp, config.num_agents,
                                                      config.batch_size, teachers_on)
     out.append({**spec, **stats, "stage": stage, "dtype": dtype, "compile_s": compile_s,
+                "variant": ",".join(spec.get("variant", [])),
                 "images_per_step": images, "images_per_s": images / stats["median_s"],
                 "flops_model": flops, "flops_per_s": flops / stats["median_s"],
                 "mfu": flops / stats["median_s"] / peak if peak else None,
@@ -124,16 +127,17 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def make_table(results: list[dict[str, Any]]) -> str:
   dtype = lambda r: r.get("dtype", "float32")
   order = lambda r: r.get("collective_batches", "shuffled")
-  setting = lambda r: (r["stage"], r["strategy"], dtype(r), order(r))
+  setting = lambda r: (r["stage"], r["strategy"], dtype(r), order(r), r.get("variant", ""))
   one = {setting(r): r["median_s"] for r in results if r["members"] == 1}
   rows = []
   for r in sorted(results, key=lambda r: (STAGES.index(r["stage"]), *setting(r)[1:], r["members"])):
     base = one.get(setting(r))
     rows.append([r["stage"], r["members"], f"{r['strategy']} ({r['resolved_strategy']})", dtype(r),
-                 order(r), 1e3 * r["median_s"], r["images_per_s"],
+                 order(r), r.get("variant") or "-", 1e3 * r["median_s"], r["images_per_s"],
                  r["median_s"] / base if base else None, r["compile_s"], r["flops_model"] / 1e9,
                  r["flops_per_s"] / 1e9, f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"])
-  return common.markdown_table(["stage", "P", "strategy", "dtype", "collective batches", "step ms",
+  return common.markdown_table(["stage", "P", "strategy", "dtype", "collective batches", "variant",
+                                "step ms",
                                 "member-img/s", "vs P=1", "compile s", "GFLOP/step", "GFLOP/s",
                                 "MFU"], rows)
 
@@ -142,13 +146,17 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="digits", help="a config name (its shapes and K)")
   p.add_argument("--members", default="1,2,4", help="comma list of P")
-  p.add_argument("--strategies", default="auto", help="member_map strategies (auto,vmap,unroll,loop)")
+  p.add_argument("--strategies", default="auto",
+                 help="member_map strategies (auto,vmap,unroll,loop,threads)")
   p.add_argument("--stages", default="experts,collective", help=f"comma list of {','.join(STAGES)}")
   p.add_argument("--batch", type=int, default=32, help="per-agent batch (the paper's: 32)")
   p.add_argument("--dtypes", default="float32",
                  help="comma list of config.model.compute_dtype values (float32,bfloat16)")
   p.add_argument("--collective-batches", default="shuffled",
                  help="comma list of config.collective_batches values (shuffled,by_owner)")
+  p.add_argument("--variants", default="",
+                 help="';'-separated sets of comma-separated config overrides to compare, e.g. "
+                      "'agent_map=vmap;agent_map=unroll,model.conv_impl=im2col' (empty: the config's own)")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--timeout", type=float, default=1800)
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
   stages = [s for s in args.stages.split(",") if s]
   if any(s not in STAGES for s in stages):
     raise SystemExit(f"--stages: use some of {STAGES}")
-  from masc_jax import models
+  from masc_jax import config_lib, models
   dtypes = [d for d in args.dtypes.split(",") if d]
   if not dtypes or any(d not in models.COMPUTE_DTYPES for d in dtypes):
     raise SystemExit(f"--dtypes: use some of {','.join(models.COMPUTE_DTYPES)}, got {args.dtypes!r}")
@@ -171,13 +179,16 @@ def main(argv=None) -> int:
   orders = [o for o in args.collective_batches.split(",") if o]
   if not orders or any(o not in batches_lib.COLLECTIVE_BATCHES for o in orders):
     raise SystemExit(f"--collective-batches: use some of {','.join(batches_lib.COLLECTIVE_BATCHES)}")
+  variants = [[o for o in v.split(",") if o] for v in args.variants.split(";")]
+  for variant in variants:    # a bad override stops here, before any worker starts
+    config_lib.load_config(args.config, variant)
   results = []
-  for strategy, dtype, order, members in itertools.product(
-      args.strategies.split(","), dtypes, orders, map(int, args.members.split(","))):
+  for strategy, dtype, order, variant, members in itertools.product(
+      args.strategies.split(","), dtypes, orders, variants, map(int, args.members.split(","))):
     spec = dict(config=args.config, members=members, strategy=strategy, stages=stages,
                 batch=args.batch, steps=args.steps, warmup=args.warmup, dtype=dtype,
-                collective_batches=order)
-    name = f"P={members} {strategy} {dtype} {order}"
+                collective_batches=order, variant=variant)
+    name = f"P={members} {strategy} {dtype} {order} {','.join(variant) or '-'}"
     r = common.run_worker("benchmarks.population_step", spec, timeout=args.timeout)
     if "error" in r:
       print(f"{name}: ERROR {r['error']}", flush=True)

@@ -18,6 +18,8 @@ member axis at all.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import copy
 import dataclasses
 import itertools
@@ -42,7 +44,9 @@ SWEEPABLE = ("loss.kd_weight", "loss.ra_kd_weight", "loss.kd_temperature", "loss
 SHAPE_CHANGING = ("model.", "num_agents", "batch_size", "eval_batch_size", "dataset", "epochs.")
 
 LOOP = "loop"
-MEMBER_MAP_STRATEGIES = ("auto", "vmap", "unroll", LOOP)
+THREADS = "threads"
+IN_TURN = (LOOP, THREADS)     # one member's compiled program, run for each member
+MEMBER_MAP_STRATEGIES = ("auto", "vmap", "unroll", LOOP, THREADS)
 
 
 class PopulationError(ValueError):
@@ -147,23 +151,47 @@ def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_colle
   return out
 
 
-def resolve_member_map(strategy: str, backend: str | None = None) -> str:
-  """``auto`` -> ``vmap`` on TPU/GPU, ``loop`` on CPU (BUILD_NOTES.md "Design: populations").
+def threads_possible() -> bool:
+  """Whether members may run side by side on host threads: one CPU device, one process.
+
+  With several devices or processes a member's program holds collectives, and
+  programs started from several threads could enter them in a different order
+  on different devices (or processes): a deadlock.
+  """
+  return (jax.default_backend() == "cpu" and jax.local_device_count() == 1
+          and jax.process_count() == 1)
+
+
+def resolve_member_map(strategy: str, backend: str | None = None,
+                       threads_ok: bool | None = None) -> str:
+  """``auto`` -> ``vmap`` on TPU/GPU; on CPU ``threads`` where possible, else ``loop``.
 
   ``vmap``: one batched program (the member axis can be split over devices).
   ``unroll``: P copies of a member's program in one. ``loop``: a member's
   compiled program run for each member in turn (members share the devices).
+  ``threads``: the same programs, the members' steps run side by side on host
+  threads (one CPU device in one process: ``threads_possible``). BUILD_NOTES.md
+  "Design: populations" has the measurements.
   """
   if strategy not in MEMBER_MAP_STRATEGIES:
     raise ValueError(f"member_map must be one of {MEMBER_MAP_STRATEGIES}, got {strategy!r}")
+  threads_ok = threads_possible() if threads_ok is None else threads_ok
+  if strategy == THREADS and not threads_ok:
+    raise PopulationError(
+        f"member_map={THREADS} runs members side by side on host threads, which needs one CPU "
+        f"device in one process (here: {jax.local_device_count()} {jax.default_backend()} "
+        f"device(s), {jax.process_count()} process(es)); use member_map={LOOP}")
   if strategy != "auto":
     return strategy
   # On TPU/GPU one batched program keeps the device full. On XLA:CPU a vmapped
   # convolution with per-member kernels becomes a slow grouped convolution and P
   # unrolled copies multiply the compile time; measured on digits, 3 seeds
-  # (BUILD_NOTES.md): loop is the fastest there.
+  # (BUILD_NOTES.md): members in turn are the fastest there, and side by side on
+  # two threads faster still (one member's program keeps about 1.5 of 2 cores busy).
   backend = backend or jax.default_backend()
-  return LOOP if backend == "cpu" else "vmap"
+  if backend != "cpu":
+    return "vmap"
+  return THREADS if threads_ok else LOOP
 
 
 class MemberAxis:
@@ -190,6 +218,11 @@ class MemberAxis:
   def is_population(self) -> bool:
     """Whether arrays carry a member axis (more than one member)."""
     return self.size > 1
+
+  @property
+  def runs_in_turn(self) -> bool:
+    """A population whose members each run one member's compiled program (``loop``, ``threads``)."""
+    return self.is_population and self.strategy in IN_TURN
 
   def hparams(self) -> dict[str, Any]:
     """Swept field -> ``[P]`` float32 values (``{}`` without a sweep; plain run: floats)."""
@@ -226,12 +259,12 @@ class MemberAxis:
           ) -> Callable[..., Any]:
     """``fn`` over the member axis (``in_axes`` as in ``jax.vmap``); a plain run calls ``fn``.
 
-    Inside one program: ``loop`` maps as ``unroll`` here (a step runs its members
-    one after another through ``train.compile_stage`` instead).
+    Inside one program: ``loop`` and ``threads`` map as ``unroll`` here (a step
+    runs its members through ``train.compile_stage``'s ``MembersInTurn`` instead).
     """
     if not self.is_population:
       return fn
-    strategy = "unroll" if self.strategy == LOOP else self.strategy
+    strategy = "unroll" if self.runs_in_turn else self.strategy
     return agents.agent_map(fn, in_axes=in_axes, strategy=strategy)
 
   def nonfinite_members(self, finite: np.ndarray) -> list[Member]:
@@ -259,45 +292,151 @@ class StackedBatches:
 
 
 # ----------------------------------------------------------------------------- members in turn
-# ``loop``: one member's compiled program, run for each member in turn.
+# ``loop`` and ``threads``: one member's compiled program, run for each member.
 
 
-def step_in_turn(jitted_member_step: Callable, example: tuple, frozen: PyTree, hparams: PyTree,
-                 size: int) -> Callable:
-  """A population step that runs one member's compiled step for each member in turn.
-
-  Args:
-    jitted_member_step: ``(state, batch, rng, frozen, settings) -> (state, metrics)`` of
-      one member, jitted (its state donated).
-    example: ``(state, batch, rng)``, stacked ``[P, ...]``: the shapes to compile for.
-    frozen, hparams: stacked ``[P, ...]`` frozen models and swept settings.
-    size: P.
-
-  Returns:
-    ``step(state, batch, rng, frozen) -> (state, metrics)`` on stacked arrays.
+class MembersInTurn:
+  """A population's stage step that runs one member's compiled step for each member.
 
   One compile (a member's program) serves every member, and each member runs
   exactly the program a single run would (bit-identical results): on XLA:CPU
   this beats a batched program, whose per-member convolutions become slow
-  grouped ones. The stacked state, batch and keys are split (one dispatch),
-  stepped, and stacked again (one dispatch). (Slicing member ``p`` inside the
-  member's program instead saves no time and changes its rounding.)
+  grouped ones. (Slicing member ``p`` inside the member's program instead saves
+  no time and changes its rounding.)
+
+  Two ways to call it:
+
+    step(state, batch, rng, frozen) -> (state, metrics)      # stacked [P, ...]
+    step.step_members(states, batch, rng, frozen) -> (states, metrics)   # lists of P
+
+  The training loop keeps the members' states apart for a whole stage
+  (``unstack`` once, ``stack`` for a checkpoint and at the end), so a step
+  splits only its batch and keys. With ``threads`` the members' steps run side
+  by side on P host threads: one member's program keeps about 1.5 of the two
+  cores of our CPU busy; XLA:CPU runs each call on its caller's thread, so
+  calls from one thread run one after another. Every member still runs its own
+  program on its own inputs: the results are the same bits either way.
   """
-  split = jax.jit(lambda tree: [jax.tree.map(lambda x: x[p], tree) for p in range(size)])
-  frozen_of, hparams_of = split(frozen), split(hparams)
-  compiled = jitted_member_step.lower(*split(example)[0], frozen_of[0], hparams_of[0]).compile()
 
-  one_at_a_time = sharding.one_program_at_a_time()    # several CPU devices: see there
+  def __init__(self, jitted_member_step: Callable, example: tuple, frozen: PyTree,
+               hparams: PyTree, size: int, threads: bool = False):
+    """
+    Args:
+      jitted_member_step: ``(state, batch, rng, frozen, settings) -> (state, metrics)`` of
+        one member, jitted (its state donated).
+      example: ``(state, batch, rng)``, stacked ``[P, ...]``: the shapes to compile for.
+      frozen, hparams: stacked ``[P, ...]`` frozen models and swept settings.
+      size: P.
+      threads: run the members' steps side by side on host threads (``threads_possible``).
+    """
+    self.size = size
+    self._split = jax.jit(lambda tree: [jax.tree.map(lambda x: x[p], tree) for p in range(size)])
+    self._frozen_of, self._hparams_of = self._split(frozen), self._split(hparams)
+    self._compiled = jitted_member_step.lower(*self._split(example)[0], self._frozen_of[0],
+                                              self._hparams_of[0]).compile()
+    self._one_at_a_time = sharding.one_program_at_a_time()   # several CPU devices: see there
+    # threads: one worker per member, so a member's steps run in order on its own thread
+    # while the loop goes on to the next step (at most ``_AHEAD`` steps ahead).
+    self._workers = ([concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"member{p}")
+                      for p in range(size)] if threads else None)
+    self._in_flight: collections.deque = collections.deque()
 
-  def step(model_state, batch, rng, unused_frozen):
-    outs = []
-    for p, inputs in enumerate(split((model_state, batch, rng))):
-      outs.append(compiled(*inputs, frozen_of[p], hparams_of[p]))
-      if one_at_a_time:
-        jax.block_until_ready(outs[-1])
-    return _stack([out[0] for out in outs]), _stack([out[1] for out in outs])
+  def unstack(self, stacked_state: PyTree) -> list[PyTree]:
+    """``[P, ...]`` -> P member states (one dispatch)."""
+    return self._split(stacked_state)
 
-  return step
+  def stack(self, member_states: Sequence[PyTree]) -> PyTree:
+    """P member states -> ``[P, ...]`` (one dispatch; the member states stay valid)."""
+    return _stack([_resolved(s)[0] if isinstance(s, Pending) else s for s in member_states])
+
+  def ready(self, member_states: Sequence[Any]) -> list[PyTree]:
+    """The member states once computed (waits for running steps; for timing)."""
+    return jax.block_until_ready([_resolved(s)[0] if isinstance(s, Pending) else s
+                                  for s in member_states])
+
+  def _member_step(self, p: int, state: PyTree, batch: PyTree, rng: jax.Array):
+    if isinstance(state, Pending):            # the member's previous step, done on this thread
+      state = _resolved(state)[0]
+    out = self._compiled(state, batch, rng, self._frozen_of[p], self._hparams_of[p])
+    # On a member's own thread, wait here: XLA:CPU runs a program on the thread that
+    # waits for it, and that is what puts members side by side on the cores.
+    return jax.block_until_ready(out) if self._one_at_a_time or self._workers else out
+
+  def step_members(self, member_states: Sequence[PyTree], batch: PyTree, rng: jax.Array,
+                   unused_frozen: PyTree = None) -> tuple[list[Any], list[Any]]:
+    """One step of every member: P states in, P states and P metrics out.
+
+    With threads the members' states and metrics come back as ``Pending``
+    (the step runs on the member's thread); ``stack`` and
+    ``stack_member_metrics`` wait for them, and so does a later step's call
+    when the loop is ``_AHEAD`` steps ahead of the slowest member.
+    """
+    inputs = self._split((batch, rng))       # P x (batch, rng)
+    if not self._workers:
+      outs = [self._member_step(p, member_states[p], *inputs[p]) for p in range(self.size)]
+      return [out[0] for out in outs], [out[1] for out in outs]
+    pending = [Pending(self._workers[p].submit(self._member_step, p, member_states[p],
+                                               *inputs[p])) for p in range(self.size)]
+    self._in_flight.append(pending)
+    while len(self._in_flight) > _AHEAD:
+      for old in self._in_flight.popleft():
+        old.future.result()                  # raises a member's error here, at the latest
+    return pending, pending
+
+  def __call__(self, model_state: PyTree, batch: PyTree, rng: jax.Array,
+               unused_frozen: PyTree = None) -> tuple[PyTree, dict]:
+    states, metrics = self.step_members(self.unstack(model_state), batch, rng)
+    return self.stack(states), _stack([_resolved(m)[1] if isinstance(m, Pending) else m
+                                       for m in metrics])
+
+
+_AHEAD = 2      # steps the loop may dispatch ahead of a member's thread (bounds batches held)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+  """A member's step running on its thread (``MembersInTurn`` with threads)."""
+  future: concurrent.futures.Future
+
+
+def _resolved(pending: Pending) -> tuple[PyTree, dict]:
+  """``(state, metrics)`` of a member's step, once its thread has run it."""
+  return pending.future.result()
+
+
+class WholeStep:
+  """A stage step with ``MembersInTurn``'s interface whose state is one pytree (no member loop)."""
+
+  def __init__(self, step: Callable):
+    self._step = step
+
+  def __call__(self, model_state, batch, rng, frozen):
+    return self._step(model_state, batch, rng, frozen)
+
+  step_members = __call__
+
+  @staticmethod
+  def unstack(state: PyTree) -> PyTree:
+    return state
+
+  @staticmethod
+  def stack(state: PyTree) -> PyTree:
+    return state
+
+  @staticmethod
+  def ready(state: PyTree) -> PyTree:
+    return jax.block_until_ready(state)
+
+
+def stack_member_metrics(metrics: dict | Sequence[dict | Pending]) -> dict:
+  """A step's metrics as one dict: P members' (``step_members``) -> ``[P]`` host arrays.
+
+  A plain dict (one program's step) is returned as it is.
+  """
+  if isinstance(metrics, dict):
+    return metrics
+  dicts = jax.device_get([_resolved(m)[1] if isinstance(m, Pending) else m for m in metrics])
+  return {term: np.stack([np.asarray(m[term]) for m in dicts]) for term in dicts[0]}
 
 
 def init_in_turn(init_member: Callable[[jax.Array, dict], PyTree], keys: jax.Array,

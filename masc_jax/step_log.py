@@ -32,7 +32,7 @@ class StepLog:
     self.pending: list[tuple[int, dict]] = []
     self.t_log, self.steps_since_log = time.perf_counter(), 0
 
-  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+  def add(self, step: int, metrics: dict[str, jax.Array] | list[dict[str, jax.Array]]) -> None:
     self.pending.append((step, metrics))
     self.steps_since_log += 1
 
@@ -43,7 +43,10 @@ class StepLog:
     """Fetch the pending metrics, stop on a non-finite term, log the newest."""
     if not self.pending:
       return
-    fetched, self.pending = jax.device_get(self.pending), []
+    # Members in turn log P metrics per step (dicts, or steps still running on the
+    # members' threads): one dict of [P] arrays.
+    stacked = [(s, population.stack_member_metrics(m)) for s, m in self.pending]
+    fetched, self.pending = jax.device_get(stacked), []
     stage = self.spec.name
     for s, m in fetched:
       for term, value in m.items():

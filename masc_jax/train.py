@@ -108,10 +108,15 @@ def build_society(config: ml_collections.ConfigDict,
   per_agent = batches.agent_indices(dataset.train_labels, groups)
   pooled = np.sort(np.concatenate(per_agent))
   config_lib.check_against_data(config, [len(ix) for ix in per_agent], len(pooled))
-  members = population.MemberAxis(population.members_of(config), config.member_map)
-  # Members run one after another (``loop``) on the same devices: no member axis in the mesh.
+  try:
+    members = population.MemberAxis(population.members_of(config), config.member_map)
+  except population.PopulationError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  # Members each run one member's program (``loop``, ``threads``) on the same devices: no
+  # member axis in the mesh.
   mesh = sharding.make_mesh(config.num_agents, config.num_devices, config.agent_axis_size,
-                            num_members=1 if members.strategy == population.LOOP else members.size)
+                            num_members=1 if members.strategy in population.IN_TURN
+                            else members.size)
 
   expert = models.make_network(config.model, dataset.num_classes, config.model.expert_widths)
   collective = models.make_network(config.model, dataset.num_classes,
@@ -224,11 +229,15 @@ def compile_stage(society: Society, spec: StageSpec, state: dict[str, stages.Mod
   get_batch(step), members.fold_in(stage_key, step), frozen)``. The trained
   state is donated, and constrained to keep its sharding (stacked along the
   agent axis, or replicated for a collective). A population's step maps the
-  member step over the member axis, with the swept settings bound as arrays.
+  member step over the member axis, with the swept settings bound as arrays;
+  members in turn (``loop``, ``threads``) get a ``population.MembersInTurn``.
+  Either way ``compiled`` also has ``unstack``, ``step_members`` and ``stack``
+  (the training loop's way: members' states kept apart within a stage; for one
+  program ``unstack`` and ``stack`` return the state as it is).
   """
   members = society.members
   get_batch = batch_source(society, spec)
-  looped = members.is_population and members.strategy == population.LOOP
+  looped = members.runs_in_turn
   shardings = state_shardings(society, {spec.name: state[spec.name]},
                               member_axis=None if not looped else False)[spec.name]
 
@@ -251,7 +260,9 @@ def compile_stage(society: Society, spec: StageSpec, state: dict[str, stages.Mod
   jitted = jax.jit(constrained, donate_argnums=(0,))
   example = (state[spec.name], get_batch(start_step), members.fold_in(stage_key, start_step))
   if looped:
-    return population.step_in_turn(jitted, example, frozen, hparams, members.size), frozen, get_batch
+    step = population.MembersInTurn(jitted, example, frozen, hparams, members.size,
+                                    threads=members.strategy == population.THREADS)
+    return step, frozen, get_batch
   compiled = jitted.lower(*example, frozen, hparams).compile()
   one_at_a_time = sharding.one_program_at_a_time()    # several CPU devices: see there
 
@@ -259,7 +270,7 @@ def compile_stage(society: Society, spec: StageSpec, state: dict[str, stages.Mod
     out = compiled(model_state, batch, rng, frozen, hparams)
     return jax.block_until_ready(out) if one_at_a_time else out
 
-  return step, frozen, get_batch
+  return population.WholeStep(step), frozen, get_batch
 
 
 def frozen_inputs(society: Society, spec: StageSpec, state: dict[str, stages.ModelState]) -> PyTree:
@@ -328,7 +339,7 @@ class Run:
     per member, not P copies of it in one program.
     """
     members = self.members
-    if not (members.is_population and members.strategy == population.LOOP):
+    if not members.runs_in_turn:
       return jax.jit(init, out_shardings=shardings)()
     return population.init_in_turn(
         lambda key, settings: init_run_state(self.society.with_settings(settings), key),
@@ -375,15 +386,17 @@ class Run:
              + (f"; resuming at step {start}" if start else ""))
     step_log = StepLog(spec, total, society.images_per_step(spec), config.log_every_steps,
                        self.offsets[name], self.log, self.metrics_log, self.members)
-    model_state = state[name]
+    # Members in turn: their states stay apart until a checkpoint or the stage's end.
+    model_state = compiled.unstack(state[name])
     t_start = time.perf_counter()
     for step in range(start, total):
       if self.offsets[name] + step == config.debug_nan_step:
         # Fault injection (tests): poison the parameters as a diverged step would.
-        model_state = model_state.replace(
-            params=jax.tree.map(lambda p: p * jnp.nan, model_state.params))
-      model_state, metrics = compiled(model_state, get_batch(step),
-                                      self.members.fold_in(stage_key, step), frozen)
+        whole = compiled.stack(model_state)
+        model_state = compiled.unstack(whole.replace(
+            params=jax.tree.map(lambda p: p * jnp.nan, whole.params)))
+      model_state, metrics = compiled.step_members(model_state, get_batch(step),
+                                                   self.members.fold_in(stage_key, step), frozen)
       step_log.add(step, metrics)
       done = step + 1
       faults.reach("step", name)
@@ -391,11 +404,11 @@ class Run:
         step_log.flush(done)
       if sigterm.poll() or (done % config.checkpoint_every_steps == 0 and done < total):
         step_log.flush(done)
-        state = {**state, name: model_state}
+        state = {**state, name: compiled.stack(model_state)}
         position = {**meta, "stage": name, "stage_step": done}
         self.save(state, position)
         self.stop_if_preempted(sigterm, state, position)
-    jax.block_until_ready(model_state)
+    model_state = jax.block_until_ready(compiled.stack(model_state))
     train_s = time.perf_counter() - t_start
     meta["timings"][name] = {
         "compile_s": compile_s, "train_s": train_s, "steps": total - start,

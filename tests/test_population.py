@@ -75,13 +75,14 @@ def three_steps_per_stage(society, state, keys, num_steps=3, stages=None):
     stage_key = members.fold_in(keys, names.index(stage))
     compiled, frozen, get_batch = train.compile_stage(society, protocol.BY_NAME[stage], state, 0,
                                                       stage_key)
-    model_state = state[stage]
+    # The training loop's way: members in turn keep their states apart within a stage.
+    model_state = compiled.unstack(state[stage])
     losses[stage] = []
     for step in range(num_steps):
-      model_state, metrics = compiled(model_state, get_batch(step),
-                                      members.fold_in(stage_key, step), frozen)
-      losses[stage].append(np.asarray(metrics["total"]))
-    state = {**state, stage: model_state}
+      model_state, metrics = compiled.step_members(model_state, get_batch(step),
+                                                   members.fold_in(stage_key, step), frozen)
+      losses[stage].append(population.stack_member_metrics(jax.device_get(metrics))["total"])
+    state = {**state, stage: compiled.stack(model_state)}
   return state, losses
 
 
@@ -104,10 +105,10 @@ def single_runs_three_steps():
   return out
 
 
-@pytest.mark.parametrize("strategy", ["loop", "unroll", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "threads", "unroll", "vmap"])
 def test_members_match_their_single_runs_step_by_step(single_runs_three_steps, strategy):
   """Each member's losses and parameters after three steps of every stage match its
-  single run's: identical where the computation is the same (``loop`` runs each
+  single run's: identical where the computation is the same (``loop`` and ``threads`` run each
   member through the single run's program; unrolled, the experts, which read no
   swept setting), else within float tolerance (a batched program rounds differently)."""
   config = config_lib.load_config("tiny", POPULATION + [f"member_map={strategy}"])
@@ -123,7 +124,7 @@ def test_members_match_their_single_runs_step_by_step(single_runs_three_steps, s
       got = [np.asarray(leaf) for leaf in
              jax.tree.leaves(jax.tree.map(lambda x: x[p], final[stage].params))]
       want = [np.asarray(leaf) for leaf in jax.tree.leaves(single_final[stage].params)]
-      if strategy == "loop" or (strategy == "unroll" and stage == "experts"):
+      if strategy in population.IN_TURN or (strategy == "unroll" and stage == "experts"):
         np.testing.assert_array_equal(np.stack(losses[stage])[:, p], np.stack(values))
         for a, b in zip(got, want):
           np.testing.assert_array_equal(a, b)
@@ -132,6 +133,55 @@ def test_members_match_their_single_runs_step_by_step(single_runs_three_steps, s
                                  rtol=2e-4, atol=1e-5, err_msg=stage)
       for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5, err_msg=stage)
+
+
+def test_members_side_by_side_on_threads_equal_members_in_turn():
+  """``threads`` through the training loop's path (states kept apart, ``step_members``,
+  stacked at the end) gives the same bits as ``loop`` through the stacked step, in a stage
+  with frozen models and a swept setting (each member must get its own of both)."""
+  stage = "altruism"
+  out = {}
+  for strategy in ("loop", "threads"):
+    config = config_lib.load_config("tiny", POPULATION + [f"member_map={strategy}"])
+    society = train.build_society(config)
+    assert society.members.strategy == strategy
+    state, keys = initial_state(society)
+    stage_key = society.members.fold_in(keys, protocol.stage_names(config).index(stage))
+    compiled, frozen, get_batch = train.compile_stage(society, protocol.BY_NAME[stage], state, 0,
+                                                      stage_key)
+    if strategy == "loop":
+      model_state, losses = state[stage], []
+      for step in range(2):
+        model_state, metrics = compiled(model_state, get_batch(step),
+                                        society.members.fold_in(stage_key, step), frozen)
+        losses.append(np.asarray(metrics["total"]))
+    else:
+      member_states, losses = compiled.unstack(state[stage]), []
+      for step in range(2):
+        member_states, metrics = compiled.step_members(
+            member_states, get_batch(step), society.members.fold_in(stage_key, step), frozen)
+        assert len(metrics) == society.members.size
+        losses.append(population.stack_member_metrics(jax.device_get(metrics))["total"])
+      model_state = compiled.stack(member_states)
+    out[strategy] = (np.stack(losses), jax.tree.leaves(model_state))
+  last = out["loop"][0][-1]                                          # [P, ...]
+  assert not np.array_equal(last[0], last[1]) and not np.array_equal(last[0], last[2])
+  np.testing.assert_array_equal(out["threads"][0], out["loop"][0])
+  for a, b in zip(out["threads"][1], out["loop"][1]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_member_map_auto_and_threads_where_threads_cannot_run(monkeypatch):
+  """``auto``: threads on one CPU device, loop with several devices or processes, vmap on
+  accelerators; ``threads`` asked for where it cannot run is one clear config error."""
+  assert population.resolve_member_map("auto", "cpu", threads_ok=True) == "threads"
+  assert population.resolve_member_map("auto", "cpu", threads_ok=False) == "loop"
+  assert population.resolve_member_map("auto", "gpu", threads_ok=True) == "vmap"
+  assert population.resolve_member_map("loop", "cpu", threads_ok=True) == "loop"
+  monkeypatch.setattr(population, "threads_possible", lambda: False)
+  config = config_lib.load_config("tiny", ["seeds=0,1", "member_map=threads"])
+  with pytest.raises(config_lib.ConfigError, match="member_map=threads .* use member_map=loop"):
+    train.build_society(config)
 
 
 @pytest.mark.parametrize("member_index", [1, 2])
