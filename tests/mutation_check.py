@@ -218,6 +218,11 @@ MUTANTS = (
            "make_pooled = lambda m: batches.OwnerBatches(per_agent, config.batch_size, seed=m.seed)",
            "make_pooled = lambda m: batches.OwnerBatches(per_agent, config.batch_size, seed=0)",
            ("tests/test_population.py::test_each_member_draws_the_data_order_of_its_seed",)),
+    Mutant("members-share-frozen-models", "each member's step reads its own frozen models",
+           "masc_jax/population.py",
+           "self._compiled(state, batch, rng, self._frozen_of[p], self._hparams_of[p])",
+           "self._compiled(state, batch, rng, self._frozen_of[0], self._hparams_of[p])",
+           ("tests/test_population.py::test_members_match_their_single_runs_step_by_step",)),
 )
 
 

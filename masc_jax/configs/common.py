@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   # sweep="loss.align_weight=0.05,0.1;optim.learning_rate=0.01,0.05". "" = one run.
   config.seeds = ""
   config.sweep = ""
-  config.member_map = "auto"           # auto | vmap | unroll: how the member axis is mapped
+  config.member_map = "auto"           # auto | vmap | unroll | loop | threads: how members are mapped
   config.agent_map = "auto"            # auto | vmap | unroll
   config.num_devices = 0               # 0: every visible device
   config.agent_axis_size = 0           # devices along the mesh's agent axis; 0: largest that divides K

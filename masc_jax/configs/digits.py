@@ -5,8 +5,9 @@
 
 Needs no download. Small VGG widths that fit 8x8 inputs (two pools: 8 -> 4 -> 2).
 A population of three seeds (one seed's table moves with float rounding, see
-README "Results on digits"): about a minute and a half on a 2-core CPU, compile
-included; one seed, under a minute (README has the measured times and table).
+README "Results on digits"): about 80 s on a 2-core CPU with an empty compilation
+cache, about 53 s with a warm one; one seed, under a minute (README has the
+measured times and table).
 """
 
 from masc_jax.configs import common
