@@ -313,8 +313,9 @@ class MembersInTurn:
   (``unstack`` once, ``stack`` for a checkpoint and at the end), so a step
   splits only its batch and keys. With ``threads`` the members' steps run side
   by side on P host threads: one member's program keeps about 1.5 of the two
-  cores of our CPU busy; XLA:CPU runs each call on its caller's thread, so
-  calls from one thread run one after another. Every member still runs its own
+  cores of our CPU busy, and programs dispatched from one thread ran one after
+  another (1.5 cores) where the same programs called from two threads used 1.97
+  (BUILD_NOTES.md "Performance, round 3"). Every member still runs its own
   program on its own inputs: the results are the same bits either way.
   """
 
@@ -358,8 +359,8 @@ class MembersInTurn:
     if isinstance(state, Pending):            # the member's previous step, done on this thread
       state = _resolved(state)[0]
     out = self._compiled(state, batch, rng, self._frozen_of[p], self._hparams_of[p])
-    # On a member's own thread, wait here: XLA:CPU runs a program on the thread that
-    # waits for it, and that is what puts members side by side on the cores.
+    # On a member's own thread, wait here: its Pending is then done only when the step
+    # is, so the run-ahead bound in ``step_members`` really bounds the work in flight.
     return jax.block_until_ready(out) if self._one_at_a_time or self._workers else out
 
   def step_members(self, member_states: Sequence[PyTree], batch: PyTree, rng: jax.Array,
