@@ -81,7 +81,7 @@ def three_steps_per_stage(society, state, keys, num_steps=3, stages=None):
     for step in range(num_steps):
       model_state, metrics = compiled.step_members(model_state, get_batch(step),
                                                    members.fold_in(stage_key, step), frozen)
-      losses[stage].append(population.stack_member_metrics(jax.device_get(metrics))["total"])
+      losses[stage].append(np.asarray(population.stack_member_metrics(metrics)["total"]))
     state = {**state, stage: compiled.stack(model_state)}
   return state, losses
 
@@ -161,7 +161,7 @@ def test_members_side_by_side_on_threads_equal_members_in_turn():
         member_states, metrics = compiled.step_members(
             member_states, get_batch(step), society.members.fold_in(stage_key, step), frozen)
         assert len(metrics) == society.members.size
-        losses.append(population.stack_member_metrics(jax.device_get(metrics))["total"])
+        losses.append(np.asarray(population.stack_member_metrics(metrics)["total"]))
       model_state = compiled.stack(member_states)
     out[strategy] = (np.stack(losses), jax.tree.leaves(model_state))
   last = out["loop"][0][-1]                                          # [P, ...]
