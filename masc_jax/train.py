@@ -537,8 +537,8 @@ class Run:
         write = (population_report.write_population_results if is_population
                  else reporting.write_results)
         write(self.workdir, results)
-        for name, (plot, data) in figures.items():
-          plot(data, paths.join(self.workdir, name))
+        for name, (plot, figure_data) in figures.items():
+          plot(figure_data, paths.join(self.workdir, name))
     self.log(population_report.population_markdown(results) if is_population
              else reporting.results_markdown(results))
 
