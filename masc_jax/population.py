@@ -348,16 +348,14 @@ class MembersInTurn:
 
   def stack(self, member_states: Sequence[PyTree]) -> PyTree:
     """P member states -> ``[P, ...]`` (one dispatch; the member states stay valid)."""
-    return _stack([_resolved(s)[0] if isinstance(s, Pending) else s for s in member_states])
+    return _stack([_state_of(s) for s in member_states])
 
   def ready(self, member_states: Sequence[Any]) -> list[PyTree]:
     """The member states once computed (waits for running steps; for timing)."""
-    return jax.block_until_ready([_resolved(s)[0] if isinstance(s, Pending) else s
-                                  for s in member_states])
+    return jax.block_until_ready([_state_of(s) for s in member_states])
 
   def _member_step(self, p: int, state: PyTree, batch: PyTree, rng: jax.Array):
-    if isinstance(state, Pending):            # the member's previous step, done on this thread
-      state = _resolved(state)[0]
+    state = _state_of(state)                  # a Pending: the member's previous step, on this thread
     out = self._compiled(state, batch, rng, self._frozen_of[p], self._hparams_of[p])
     # On a member's own thread, wait here: its Pending is then done only when the step
     # is, so the run-ahead bound in ``step_members`` really bounds the work in flight.
@@ -387,8 +385,7 @@ class MembersInTurn:
   def __call__(self, model_state: PyTree, batch: PyTree, rng: jax.Array,
                unused_frozen: PyTree = None) -> tuple[PyTree, dict]:
     states, metrics = self.step_members(self.unstack(model_state), batch, rng)
-    return self.stack(states), _stack([_resolved(m)[1] if isinstance(m, Pending) else m
-                                       for m in metrics])
+    return self.stack(states), _stack([_metrics_of(m) for m in metrics])
 
 
 _AHEAD = 2      # steps the loop may dispatch ahead of a member's thread (bounds batches held)
@@ -400,9 +397,14 @@ class Pending:
   future: concurrent.futures.Future
 
 
-def _resolved(pending: Pending) -> tuple[PyTree, dict]:
-  """``(state, metrics)`` of a member's step, once its thread has run it."""
-  return pending.future.result()
+def _state_of(step: PyTree | Pending) -> PyTree:
+  """A member's state; for a ``Pending`` step, once its thread has run it."""
+  return step.future.result()[0] if isinstance(step, Pending) else step
+
+
+def _metrics_of(step: dict | Pending) -> dict:
+  """A member's step metrics; for a ``Pending`` step, once its thread has run it."""
+  return step.future.result()[1] if isinstance(step, Pending) else step
 
 
 class WholeStep:
@@ -436,7 +438,7 @@ def stack_member_metrics(metrics: dict | Sequence[dict | Pending]) -> dict:
   """
   if isinstance(metrics, dict):
     return metrics
-  dicts = jax.device_get([_resolved(m)[1] if isinstance(m, Pending) else m for m in metrics])
+  dicts = jax.device_get([_metrics_of(m) for m in metrics])
   return {term: np.stack([np.asarray(m[term]) for m in dicts]) for term in dicts[0]}
 
 

@@ -178,7 +178,7 @@ def _grown_predict(society: Society, spec: StageSpec, variables, x) -> dict[str,
   rule, settings = routing.settings_from_config(society.config)
   logits, routed = stages.grown_outputs(
       variables[spec.variables_key], variables[BY_NAME[spec.base].variables_key], x,
-      network=society.collective_network, backbone=society.backbone, head=society.head,
+      backbone=society.backbone, head=society.head,
       rule=rule, routing_settings=settings, strategy=society.strategy)
   out = {row: logits for row in spec.rows}
   # What the routing saw (evaluation.results_from_predictions summarises it).

@@ -272,16 +272,16 @@ def collective_logits(collective: PyTree, x: jax.Array, *, network: nn.Module) -
   return network.apply(collective, x, train=False)
 
 
-def grown_logits(heads: PyTree, collective: PyTree, x: jax.Array, *, network: nn.Module,
+def grown_logits(heads: PyTree, collective: PyTree, x: jax.Array, *,
                  backbone: nn.Module, head: nn.Module, rule: str | routing.Rule = "energy",
                  routing_settings: routing.RoutingSettings = routing.RoutingSettings(),
                  strategy: str = "auto") -> jax.Array:
   """``[K, B, C]``: every grown agent G_k, answering with its own head or S's by the rule."""
-  return grown_outputs(heads, collective, x, network=network, backbone=backbone, head=head,
+  return grown_outputs(heads, collective, x, backbone=backbone, head=head,
                        rule=rule, routing_settings=routing_settings, strategy=strategy)[0]
 
 
-def grown_outputs(heads: PyTree, collective: PyTree, x: jax.Array, *, network: nn.Module,
+def grown_outputs(heads: PyTree, collective: PyTree, x: jax.Array, *,
                   backbone: nn.Module, head: nn.Module, rule: str | routing.Rule = "energy",
                   routing_settings: routing.RoutingSettings = routing.RoutingSettings(),
                   strategy: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -293,7 +293,7 @@ def grown_outputs(heads: PyTree, collective: PyTree, x: jax.Array, *, network: n
     the free energies ``head_energy [K, B]``, ``collective_energy [B]`` at the
     routing temperature (``masc_jax.routing_diagnostics`` summarises them).
   """
-  del network   # S is ``head(backbone(x))``: one backbone pass feeds S's head and every agent's
+  # S is ``head(backbone(x))``: one backbone pass feeds S's head and every agent's.
   backbone_vars = {name: tree["backbone"] for name, tree in collective.items()}
   features = backbone.apply(backbone_vars, x, train=False)
   s_logits = head.apply({"params": collective["params"]["head"]}, features, train=False)
