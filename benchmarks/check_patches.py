@@ -25,9 +25,13 @@ def check_maxpool() -> None:
   cases = {
       "normal": rng.standard_normal((3, 8, 8, 5)).astype(np.float32),
       "ties (ints 0..2)": rng.integers(0, 3, (3, 8, 8, 5)).astype(np.float32),
-      "relu zeros": np.maximum(rng.standard_normal((2, 6, 6, 4)), 0).astype(np.float32),
+      "relu zeros": np.maximum(rng.standard_normal((2, 6, 6, 4)), 0).astype(
+          np.float32
+      ),
       "odd size": rng.standard_normal((2, 7, 5, 3)).astype(np.float32),
-      "stacked [K,B,...]": rng.integers(0, 2, (2, 3, 4, 4, 2)).astype(np.float32),
+      "stacked [K,B,...]": rng.integers(0, 2, (2, 3, 4, 4, 2)).astype(
+          np.float32
+      ),
   }
   ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
   for name, x in cases.items():
@@ -35,13 +39,24 @@ def check_maxpool() -> None:
     g = jnp.asarray(rng.standard_normal(ref(x).shape).astype(np.float32))
     y0, vjp0 = jax.vjp(ref, x)
     y1, vjp1 = jax.vjp(max_pool_2x2, x)
-    np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1), err_msg=f"maxpool fwd {name}")
-    np.testing.assert_array_equal(np.asarray(vjp0(g)[0]), np.asarray(vjp1(g)[0]),
-                                  err_msg=f"maxpool grad {name}")
+    np.testing.assert_array_equal(
+        np.asarray(y0), np.asarray(y1), err_msg=f"maxpool fwd {name}"
+    )
+    np.testing.assert_array_equal(
+        np.asarray(vjp0(g)[0]),
+        np.asarray(vjp1(g)[0]),
+        err_msg=f"maxpool grad {name}",
+    )
     # Also under jit and vmap.
-    dx0 = jax.jit(jax.vmap(lambda a, b: jax.vjp(ref, a)[1](b)[0]))(x[None], g[None])
-    dx1 = jax.jit(jax.vmap(lambda a, b: jax.vjp(max_pool_2x2, a)[1](b)[0]))(x[None], g[None])
-    np.testing.assert_array_equal(np.asarray(dx0), np.asarray(dx1), err_msg=f"maxpool jit/vmap {name}")
+    dx0 = jax.jit(jax.vmap(lambda a, b: jax.vjp(ref, a)[1](b)[0]))(
+        x[None], g[None]
+    )
+    dx1 = jax.jit(jax.vmap(lambda a, b: jax.vjp(max_pool_2x2, a)[1](b)[0]))(
+        x[None], g[None]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(dx0), np.asarray(dx1), err_msg=f"maxpool jit/vmap {name}"
+    )
     print(f"maxpool {name}: forward and gradient identical")
 
 
@@ -51,8 +66,16 @@ def check_step(patch: str, steps: int = 3, strategy: str = "vmap") -> None:
   import jax
   from benchmarks import agent_step, patches
 
-  spec = dict(kind="jax", stage="experts", agents=2, strategy=strategy, conv_impl="auto",
-              batch=8, input="digits", dtype="float32")
+  spec = dict(
+      kind="jax",
+      stage="experts",
+      agents=2,
+      strategy=strategy,
+      conv_impl="auto",
+      batch=8,
+      input="digits",
+      dtype="float32",
+  )
   outs = []
   original = nn.max_pool
   for use in (False, True):
@@ -68,8 +91,14 @@ def check_step(patch: str, steps: int = 3, strategy: str = "vmap") -> None:
   flat1 = jax.tree.leaves(outs[1])
   worst = max(float(np.max(np.abs(a - b))) for a, b in zip(flat0, flat1))
   exact = all(np.array_equal(a, b) for a, b in zip(flat0, flat1))
-  print(f"{patch} in expert_step ({steps} steps, digits widths, {strategy}): "
-        + ("bit-identical params and metrics" if exact else f"max abs difference {worst:.3g}"))
+  print(
+      f"{patch} in expert_step ({steps} steps, digits widths, {strategy}): "
+      + (
+          "bit-identical params and metrics"
+          if exact
+          else f"max abs difference {worst:.3g}"
+      )
+  )
   if not exact and worst > 1e-5:
     raise AssertionError(f"{patch}: train step differs by {worst}")
 

@@ -35,8 +35,14 @@ PEAK_FLOPS = {
     "h100": {"float32": 67e12, "bfloat16": 989e12},
     "a100": {"float32": 19.5e12, "bfloat16": 312e12},
     "l4": {"float32": 30.3e12, "bfloat16": 121e12},
-    "v100": {"float32": 15.7e12, "bfloat16": 125e12},   # bf16 column: its fp16 tensor rate
-    "tpu v4": {"float32": 275e12, "bfloat16": 275e12},  # MXU is bf16; f32 matmuls run as bf16 passes
+    "v100": {
+        "float32": 15.7e12,
+        "bfloat16": 125e12,
+    },  # bf16 column: its fp16 tensor rate
+    "tpu v4": {
+        "float32": 275e12,
+        "bfloat16": 275e12,
+    },  # MXU is bf16; f32 matmuls run as bf16 passes
     "tpu v5 lite": {"float32": 197e12, "bfloat16": 197e12},
     "tpu v5e": {"float32": 197e12, "bfloat16": 197e12},
     "tpu v5p": {"float32": 459e12, "bfloat16": 459e12},
@@ -45,7 +51,9 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops(device_kind: str, platform_name: str, dtype: str) -> float | None:
+def peak_flops(
+    device_kind: str, platform_name: str, dtype: str
+) -> float | None:
   """Known peak FLOP/s of the device, or None (CPU, or a device not in the table)."""
   if platform_name == "cpu":
     return None
@@ -63,7 +71,9 @@ def loadavg() -> list[float]:
 def cpu_model() -> str:
   """``Model name`` from lscpu (or /proc/cpuinfo), e.g. 'AMD EPYC'."""
   try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    out = subprocess.run(
+        ["lscpu"], capture_output=True, text=True, timeout=10
+    ).stdout
     for line in out.splitlines():
       if line.startswith("Model name:"):
         return line.split(":", 1)[1].strip()
@@ -81,8 +91,13 @@ def cpu_model() -> str:
 
 def machine_info() -> dict[str, Any]:
   """What the results were measured on (host side; the worker adds the device)."""
-  return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-          "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  return {
+      "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
 
 
 def peak_rss_mib() -> float:
@@ -90,8 +105,12 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_calls(call: Callable[[int], Any], steps: int, warmup: int,
-               sync: Callable[[Any], Any]) -> tuple[list[float], list[float]]:
+def time_calls(
+    call: Callable[[int], Any],
+    steps: int,
+    warmup: int,
+    sync: Callable[[Any], Any],
+) -> tuple[list[float], list[float]]:
   """Run ``call(i)`` warmup+steps times.
 
   Returns the wall times and this process's CPU times (user+sys over all its
@@ -110,18 +129,28 @@ def time_calls(call: Callable[[int], Any], steps: int, warmup: int,
   return times, cpu_times
 
 
-def summarize_times(times: Sequence[float], cpu_times: Sequence[float] = ()) -> dict[str, Any]:
+def summarize_times(
+    times: Sequence[float], cpu_times: Sequence[float] = ()
+) -> dict[str, Any]:
   arr = np.asarray(times)
-  out = {"median_s": float(np.median(arr)), "min_s": float(arr.min()), "max_s": float(arr.max()),
-         "times_s": [round(float(t), 5) for t in arr]}
+  out = {
+      "median_s": float(np.median(arr)),
+      "min_s": float(arr.min()),
+      "max_s": float(arr.max()),
+      "times_s": [round(float(t), 5) for t in arr],
+  }
   if len(cpu_times):
     out["median_cpu_s"] = float(np.median(cpu_times))
     out["cpu_times_s"] = [round(float(t), 5) for t in cpu_times]
   return out
 
 
-def run_worker(module: str, spec: dict[str, Any], env_extra: dict[str, str] | None = None,
-               timeout: float = 900) -> dict[str, Any]:
+def run_worker(
+    module: str,
+    spec: dict[str, Any],
+    env_extra: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> dict[str, Any]:
   """Run ``python -m module --worker JSON`` in a fresh process; its last stdout line is JSON.
 
   A fresh process per config makes the peak-memory figure that config's own
@@ -131,8 +160,14 @@ def run_worker(module: str, spec: dict[str, Any], env_extra: dict[str, str] | No
   env.update(env_extra or {})
   cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout:.0f}s"}
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -142,7 +177,9 @@ def run_worker(module: str, spec: dict[str, Any], env_extra: dict[str, str] | No
   return json.loads(lines[-1])
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> str:
   def fmt(v):
     if v is None:
       return "-"
@@ -155,6 +192,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
         return f"{v:.1f}"
       return f"{v:.2f}"
     return str(v)
+
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
   lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
   return "\n".join(lines)

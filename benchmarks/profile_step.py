@@ -35,13 +35,29 @@ import numpy as np
 
 from benchmarks import agent_step, common
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+(?:\{[^}]*\})?)\s+([\w\-]+)\((.*)$")
+_INSTR = re.compile(
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+(?:\{[^}]*\})?)\s+([\w\-]+)\((.*)$"
+)
 
 
 _COMP = re.compile(r"^%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 # Ops that name what a fusion is for, most telling first.
-_KEY_OPS = ("convolution", "dot", "custom-call", "select-and-scatter", "scatter", "reduce-window",
-            "gather", "sort", "reduce", "transpose", "concatenate", "pad", "iota", "broadcast")
+_KEY_OPS = (
+    "convolution",
+    "dot",
+    "custom-call",
+    "select-and-scatter",
+    "scatter",
+    "reduce-window",
+    "gather",
+    "sort",
+    "reduce",
+    "transpose",
+    "concatenate",
+    "pad",
+    "iota",
+    "broadcast",
+)
 
 
 def _operand_shapes(rest: str) -> list[str]:
@@ -52,12 +68,17 @@ def _describe(opcode: str, shape: str, rest: str) -> str:
   if opcode == "convolution":
     dims = re.search(r"dim_labels=([^,\s]+)", rest)
     window = re.search(r"window=\{([^}]*)\}", rest)
-    return (f"{dims.group(1) if dims else ''} [{window.group(1) if window else ''}] "
-            f"{' x '.join(_operand_shapes(rest)[:2])} -> {shape.split('{')[0]}")
+    return (
+        f"{dims.group(1) if dims else ''} [{window.group(1) if window else ''}] "
+        f"{' x '.join(_operand_shapes(rest)[:2])} -> {shape.split('{')[0]}"
+    )
   if opcode in ("dot", "custom-call"):
     target = re.search(r'custom_call_target="([^"]+)"', rest)
-    return ((target.group(1) + " ") if target else "") + " x ".join(_operand_shapes(rest)[:2]) \
+    return (
+        ((target.group(1) + " ") if target else "")
+        + " x ".join(_operand_shapes(rest)[:2])
         + f" -> {shape.split('{')[0]}"
+    )
   if opcode == "reduce-window":
     window = re.search(r"window=\{([^}]*)\}", rest)
     return f"[{window.group(1) if window else ''}] {len(_operand_shapes(rest))} operands"
@@ -106,8 +127,13 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, str]]:
         calls = re.search(r"calls=%?([\w.\-]+)", rest)
         kind, detail = key_op(calls.group(1)) if calls else ("fusion", "")
       meta = re.search(r'op_name="([^"]*)"', rest)
-      ops[name] = {"opcode": opcode, "shape": shape, "kind": kind, "detail": detail.strip(),
-                   "op_name": meta.group(1) if meta else ""}
+      ops[name] = {
+          "opcode": opcode,
+          "shape": shape,
+          "kind": kind,
+          "detail": detail.strip(),
+          "op_name": meta.group(1) if meta else "",
+      }
   return ops
 
 
@@ -126,14 +152,18 @@ def module_of(op_name: str) -> str:
   if not op_name:
     return "(no metadata)"
   direction = "bwd" if "transpose(" in op_name else "fwd"
-  m = re.findall(r"/(conv\d+|bn\d+|dense\d+|logits|Dropout_\d+)/", op_name + "/")
+  m = re.findall(
+      r"/(conv\d+|bn\d+|dense\d+|logits|Dropout_\d+)/", op_name + "/"
+  )
   if m:
     return f"{direction} {m[-1]}"
   leaf = op_name.rsplit("/", 1)[-1]
   return f"{direction} other:{leaf[:30]}"
 
 
-def profile(spec: dict, steps: int, warmup: int, top: int, trace_dir: str | None) -> dict:
+def profile(
+    spec: dict, steps: int, warmup: int, top: int, trace_dir: str | None
+) -> dict:
   import jax
   from jax._src.profiler import ProfileData
 
@@ -148,7 +178,9 @@ def profile(spec: dict, steps: int, warmup: int, top: int, trace_dir: str | None
   t0 = time.perf_counter()
   with jax.profiler.trace(tmp):
     for i in range(steps):
-      state, metrics = compiled(state, batch, jax.random.fold_in(key, 100 + i), frozen)
+      state, metrics = compiled(
+          state, batch, jax.random.fold_in(key, 100 + i), frozen
+      )
       jax.block_until_ready((state, metrics))
   wall_ms = (time.perf_counter() - t0) * 1e3 / steps
   files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
@@ -167,22 +199,32 @@ def profile(spec: dict, steps: int, warmup: int, top: int, trace_dir: str | None
   by_kind = collections.defaultdict(float)
   for name, ms in per_op.items():
     op = ops[name]
-    kind = conv_role(op["detail"]) if op["kind"] == "convolution" else op["kind"]
+    kind = (
+        conv_role(op["detail"]) if op["kind"] == "convolution" else op["kind"]
+    )
     by_kind[kind] += ms
   by_module = collections.defaultdict(float)
   for name, ms in per_op.items():
     by_module[module_of(ops[name].get("op_name", ""))] += ms
   ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
-  return {"spec": spec, "wall_ms_per_step": wall_ms, "op_ms_sum_per_step": total,
-          "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-          "by_module": dict(sorted(by_module.items(), key=lambda kv: -kv[1])),
-          "top": [{"name": n, "ms": ms, "calls_per_step": count[n] / steps, **ops[n]}
-                  for n, ms in ranked[:top]],
-          "load": common.loadavg()}
+  return {
+      "spec": spec,
+      "wall_ms_per_step": wall_ms,
+      "op_ms_sum_per_step": total,
+      "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+      "by_module": dict(sorted(by_module.items(), key=lambda kv: -kv[1])),
+      "top": [
+          {"name": n, "ms": ms, "calls_per_step": count[n] / steps, **ops[n]}
+          for n, ms in ranked[:top]
+      ],
+      "load": common.loadavg(),
+  }
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--stage", default="experts", choices=agent_step.STAGES)
   p.add_argument("--agents", type=int, default=1)
   p.add_argument("--strategy", default="vmap")
@@ -193,33 +235,73 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--top", type=int, default=25)
-  p.add_argument("--trace-dir", default="", help="keep the trace here (for TensorBoard/Perfetto)")
-  p.add_argument("--patch", action="append", default=[], help="see benchmarks/patches.py")
+  p.add_argument(
+      "--trace-dir",
+      default="",
+      help="keep the trace here (for TensorBoard/Perfetto)",
+  )
+  p.add_argument(
+      "--patch", action="append", default=[], help="see benchmarks/patches.py"
+  )
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   from benchmarks import patches
+
   patches.apply(args.patch)
-  spec = dict(kind="jax", stage=args.stage, agents=args.agents, strategy=args.strategy,
-              conv_impl=args.conv_impl, batch=args.batch, input=args.input, dtype=args.dtype,
-              steps=args.steps, warmup=args.warmup)
+  spec = dict(
+      kind="jax",
+      stage=args.stage,
+      agents=args.agents,
+      strategy=args.strategy,
+      conv_impl=args.conv_impl,
+      batch=args.batch,
+      input=args.input,
+      dtype=args.dtype,
+      steps=args.steps,
+      warmup=args.warmup,
+  )
   res = profile(spec, args.steps, args.warmup, args.top, args.trace_dir or None)
-  print(f"# {args.stage} K={args.agents} {args.strategy}/{args.conv_impl} B={args.batch}: "
-        f"wall {res['wall_ms_per_step']:.0f} ms/step (traced), per-op sum "
-        f"{res['op_ms_sum_per_step']:.0f} ms/step; load {res['load']}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; patches {args.patch}")
-  print(common.markdown_table(["op kind", "ms/step", "%"],
-                              [[k, v, 100 * v / res["op_ms_sum_per_step"]]
-                               for k, v in res["by_kind"].items()]))
+  print(
+      f"# {args.stage} K={args.agents} {args.strategy}/{args.conv_impl} B={args.batch}: "
+      f"wall {res['wall_ms_per_step']:.0f} ms/step (traced), per-op sum "
+      f"{res['op_ms_sum_per_step']:.0f} ms/step; load {res['load']}; "
+      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; patches {args.patch}"
+  )
+  print(
+      common.markdown_table(
+          ["op kind", "ms/step", "%"],
+          [
+              [k, v, 100 * v / res["op_ms_sum_per_step"]]
+              for k, v in res["by_kind"].items()
+          ],
+      )
+  )
   print()
-  print(common.markdown_table(["module (from HLO metadata)", "ms/step", "%"],
-                              [[k, v, 100 * v / res["op_ms_sum_per_step"]]
-                               for k, v in list(res["by_module"].items())[:args.top]]))
+  print(
+      common.markdown_table(
+          ["module (from HLO metadata)", "ms/step", "%"],
+          [
+              [k, v, 100 * v / res["op_ms_sum_per_step"]]
+              for k, v in list(res["by_module"].items())[: args.top]
+          ],
+      )
+  )
   print()
-  print(common.markdown_table(
-      ["op", "kind", "ms/step", "shape", "detail"],
-      [[t["name"], t["kind"], t["ms"], t["shape"].split("{")[0][:40],
-        (t["detail"] or module_of(t.get("op_name", "")))[:100]]
-       for t in res["top"]]))
+  print(
+      common.markdown_table(
+          ["op", "kind", "ms/step", "shape", "detail"],
+          [
+              [
+                  t["name"],
+                  t["kind"],
+                  t["ms"],
+                  t["shape"].split("{")[0][:40],
+                  (t["detail"] or module_of(t.get("op_name", "")))[:100],
+              ]
+              for t in res["top"]
+          ],
+      )
+  )
   if args.out:
     common.write_json(args.out, res)
   return 0

@@ -20,41 +20,66 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
-from masc_jax import compile_cache, config_lib, multihost
+from masc_jax.parallel import compile_cache, multihost
+from masc_jax import config_lib
 
 flags.DEFINE_string(
-    "config", None,
-    "Config: a registered name (" + ", ".join(config_lib.REGISTERED) + "), NAME:ARG, or a path "
-    "to a get_config() file. Override any field with --config.FIELD=VALUE.")
+    "config",
+    None,
+    "Config: a registered name ("
+    + ", ".join(config_lib.REGISTERED)
+    + "), NAME:ARG, or a path "
+    "to a get_config() file. Override any field with --config.FIELD=VALUE.",
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, metrics and results go (default: runs/<config name>).")
+    "workdir",
+    None,
+    "Where checkpoints, metrics and results go (default: runs/<config name>).",
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False,
-    "Resume a workdir even though its saved config differs in result-changing fields.")
+    "allow_config_change",
+    False,
+    "Resume a workdir even though its saved config differs in result-changing fields.",
+)
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False,
-    "Join a multi-process run whose processes JAX detects (Cloud TPU slices, SLURM, Open MPI).")
+    "multihost",
+    False,
+    "Join a multi-process run whose processes JAX detects (Cloud TPU slices, SLURM, Open MPI).",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
+    "coordinator_address",
+    None,
     "HOST:PORT of process 0, for a multi-process run started by hand (GPU cluster, N local "
-    "processes); default $JAX_COORDINATOR_ADDRESS.")
+    "processes); default $JAX_COORDINATOR_ADDRESS.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Processes in the run, with --coordinator_address; default "
-    "$JAX_NUM_PROCESSES.")
+    "num_processes",
+    None,
+    "Processes in the run, with --coordinator_address; default "
+    "$JAX_NUM_PROCESSES.",
+)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index, 0..num_processes-1; default $JAX_PROCESS_ID.")
+    "process_id",
+    None,
+    "This process's index, 0..num_processes-1; default $JAX_PROCESS_ID.",
+)
 _COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache_dir", None,
+    "compilation_cache_dir",
+    None,
     "JAX's persistent compilation cache (none: off). Default $MASC_COMPILATION_CACHE_DIR, else "
-    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/masc_jax/xla-<cpu>.")
+    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/masc_jax/xla-<cpu>.",
+)
 _HEARTBEAT = flags.DEFINE_integer(
-    "heartbeat_timeout_s", 100,
-    "Multi-process runs: a process silent this long is taken as lost and every process stops.")
+    "heartbeat_timeout_s",
+    100,
+    "Multi-process runs: a process silent this long is taken as lost and every process stops.",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
   """What the command line asks for."""
+
   config_spec: str
   config: ml_collections.ConfigDict
   workdir: str
@@ -76,13 +101,14 @@ def _config_args(argv: list[str]) -> tuple[str, list[str], list[str]]:
     elif arg == "--config":
       spec = next(args, "")
     elif arg.startswith("--config."):
-      overrides.append(arg[len("--config."):])
+      overrides.append(arg[len("--config.") :])
     else:
       rest.append(arg)
   if not spec:
     raise config_lib.ConfigError(
         f"--config is required: one of {', '.join(config_lib.REGISTERED)} "
-        "(try --config=digits, which runs offline)")
+        "(try --config=digits, which runs offline)"
+    )
   return spec, overrides, rest
 
 
@@ -100,16 +126,23 @@ def parse_flags(argv: list[str]) -> Job:
   if len(positional) > 1:
     _fail(f"unexpected arguments: {' '.join(positional[1:])}")
   if _WORKDIR.value is not None and not _WORKDIR.value.strip():
-    _fail("--workdir is empty: give a folder, or leave it out for runs/<config name>")
+    _fail(
+        "--workdir is empty: give a folder, or leave it out for runs/<config name>"
+    )
   workdir = _WORKDIR.value or os.path.join("runs", config_lib.config_name(spec))
   try:
     processes = multihost.process_spec(
-        auto=_MULTIHOST.value, coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-        heartbeat_timeout_s=_HEARTBEAT.value)
+        auto=_MULTIHOST.value,
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        heartbeat_timeout_s=_HEARTBEAT.value,
+    )
   except multihost.ProcessSpecError as e:
     _fail(str(e))
-  return Job(config_spec=spec, config=config, workdir=workdir, processes=processes)
+  return Job(
+      config_spec=spec, config=config, workdir=workdir, processes=processes
+  )
 
 
 def main(job: Job) -> None:
@@ -117,14 +150,23 @@ def main(job: Job) -> None:
   multihost.initialize(job.processes)
   compile_cache.enable(_COMPILATION_CACHE.value)
   # Imported here so that a bad flag fails fast, before TFDS and the training code load.
-  from masc_jax import checkpointing, data, sharding, step_log, train, workdir
+  from masc_jax.training import checkpointing, step_log, train, workdir
+  from masc_jax.data import arrays
+  from masc_jax.parallel import sharding
 
   try:
-    train.train_and_evaluate(job.config, job.workdir,
-                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except (config_lib.ConfigError, data.DatasetNotPreparedError, workdir.WorkdirError,
-          checkpointing.NoGoodCheckpointError, checkpointing.CheckpointWriteError,
-          step_log.NonFiniteLossError, sharding.MeshError) as e:
+    train.train_and_evaluate(
+        job.config, job.workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
+  except (
+      config_lib.ConfigError,
+      arrays.DatasetNotPreparedError,
+      workdir.WorkdirError,
+      checkpointing.NoGoodCheckpointError,
+      checkpointing.CheckpointWriteError,
+      step_log.NonFiniteLossError,
+      sharding.MeshError,
+  ) as e:
     _fail(str(e))
   except OSError as e:
     # The workdir's filesystem refused a write (read-only, full, gone).

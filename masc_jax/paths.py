@@ -40,7 +40,8 @@ def check_supported(path: str, what: str = "--workdir") -> None:
   if found is not None and found not in REMOTE_SCHEMES:
     raise UnsupportedPathError(
         f"{what}={path}: the scheme {found}:// is not supported; use a local path, "
-        + " or ".join(f"{s}://bucket/path" for s in REMOTE_SCHEMES))
+        + " or ".join(f"{s}://bucket/path" for s in REMOTE_SCHEMES)
+    )
 
 
 def absolute(path: str) -> str:

@@ -21,6 +21,7 @@ def pytest_sessionfinish(session, exitstatus):
   if _SESSION_CACHE is not None:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """The tiny config through every stage, in-process: ``(workdir, results, log_lines)``."""
-  from masc_jax import config_lib, train
+  from masc_jax import config_lib
+  from masc_jax.training import train
 
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   lines: list[str] = []
@@ -44,8 +46,15 @@ def tiny_run(tmp_path_factory):
 def run_main(args, env_extra=None, timeout=600, **kwargs):
   """``python -m masc_jax.main ARGS`` in a subprocess; returns the CompletedProcess."""
   env = {**os.environ, **(env_extra or {})}
-  return subprocess.run([sys.executable, "-m", "masc_jax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout, **kwargs)
+  return subprocess.run(
+      [sys.executable, "-m", "masc_jax.main", *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      **kwargs,
+  )
 
 
 def random_variables(module, sample, seed):
@@ -54,7 +63,9 @@ def random_variables(module, sample, seed):
   Kernels ~ U(+-1/sqrt(fan_in)), and non-trivial BatchNorm scales, biases and
   running statistics, so that eval mode differs from a fresh initialisation.
   """
-  shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, sample, train=False))
+  shapes = jax.eval_shape(
+      lambda: module.init({"params": jax.random.key(0)}, sample, train=False)
+  )
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -64,7 +75,7 @@ def random_variables(module, sample, seed):
       value = rng.uniform(-bound, bound, leaf.shape)
     elif name in ("scale", "var"):
       value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:                                                # bias, mean
+    else:  # bias, mean
       value = 0.1 * rng.standard_normal(leaf.shape)
     return jnp.asarray(value, leaf.dtype)
 

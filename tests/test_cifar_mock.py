@@ -8,14 +8,23 @@ import contextlib
 import os
 from unittest import mock
 
-from masc_jax import config_lib, train
+from masc_jax import config_lib
+from masc_jax.training import train
 
 # The spec's block/pool layout with very narrow widths, so it compiles quickly.
-NARROW = ["model.expert_widths=(4,4,4,4,4,4,4,4,4,4,4,4,4)",
-          "model.collective_widths=(4,4,4,4,4,4,4,4,4,4,4,4,8)",
-          "model.head_hidden=(16,)", "batch_size=8", "eval_batch_size=100",
-          "epochs.experts=1", "epochs.collective=1", "epochs.altruism=1", "ablations=False",
-          "log_every_steps=10", "checkpoint_every_steps=20"]
+NARROW = [
+    "model.expert_widths=(4,4,4,4,4,4,4,4,4,4,4,4,4)",
+    "model.collective_widths=(4,4,4,4,4,4,4,4,4,4,4,4,8)",
+    "model.head_hidden=(16,)",
+    "batch_size=8",
+    "eval_batch_size=100",
+    "epochs.experts=1",
+    "epochs.collective=1",
+    "epochs.altruism=1",
+    "ablations=False",
+    "log_every_steps=10",
+    "checkpoint_every_steps=20",
+]
 
 
 @contextlib.contextmanager
@@ -28,8 +37,10 @@ def mock_cifar(num_examples):
     del serialized
     return [generator[key] for key in args[-1]]
 
-  with mock.patch.object(mocking, "_getitems", getitems), \
-       tfds.testing.mock_data(num_examples=num_examples):
+  with (
+      mock.patch.object(mocking, "_getitems", getitems),
+      tfds.testing.mock_data(num_examples=num_examples),
+  ):
     yield
 
 

@@ -2,34 +2,52 @@
 
 import os
 
-from masc_jax import compile_cache
+from masc_jax.parallel import compile_cache
 
 
 def test_the_flag_wins_then_masc_env_then_jax_env_then_the_default(tmp_path):
-  env = {"XDG_CACHE_HOME": str(tmp_path), "MASC_COMPILATION_CACHE_DIR": "/m",
-         "JAX_COMPILATION_CACHE_DIR": "/j"}
+  env = {
+      "XDG_CACHE_HOME": str(tmp_path),
+      "MASC_COMPILATION_CACHE_DIR": "/m",
+      "JAX_COMPILATION_CACHE_DIR": "/j",
+  }
   assert compile_cache.resolve("/flag", env) == "/flag"
   assert compile_cache.resolve(None, env) == "/m"
   del env["MASC_COMPILATION_CACHE_DIR"]
-  assert compile_cache.resolve(None, env) is None          # JAX's own setting stays in force
+  assert (
+      compile_cache.resolve(None, env) is None
+  )  # JAX's own setting stays in force
   del env["JAX_COMPILATION_CACHE_DIR"]
   default = compile_cache.resolve(None, env)
   assert os.path.dirname(default) == os.path.join(str(tmp_path), "masc_jax")
   assert os.path.basename(default).startswith("xla-")
-  assert compile_cache.resolve(None, {"HOME": str(tmp_path)}).startswith(str(tmp_path))
+  assert compile_cache.resolve(None, {"HOME": str(tmp_path)}).startswith(
+      str(tmp_path)
+  )
 
 
 def test_none_turns_it_off_from_the_flag_or_the_environment():
   for value in ("none", "off", "", " None "):
     assert compile_cache.resolve(value, {}) is None
-    assert compile_cache.resolve(None, {"MASC_COMPILATION_CACHE_DIR": value}) is None
+    assert (
+        compile_cache.resolve(None, {"MASC_COMPILATION_CACHE_DIR": value})
+        is None
+    )
 
 
 def test_the_default_folder_is_named_after_this_cpu():
   """Machines of other instruction sets (AVX2 vs AVX-512) never share executables."""
   with open("/proc/cpuinfo") as f:
-    flags = next(l for l in f if l.startswith(("flags", "Features"))).split(":", 1)[1].split()
+    flags = (
+        next(l for l in f if l.startswith(("flags", "Features")))
+        .split(":", 1)[1]
+        .split()
+    )
   import hashlib
   import platform
+
   expected = f"xla-{platform.machine()}-{hashlib.sha256(' '.join(sorted(flags)).encode()).hexdigest()[:8]}"
-  assert os.path.basename(compile_cache.default_directory({"HOME": "/h"})) == expected
+  assert (
+      os.path.basename(compile_cache.default_directory({"HOME": "/h"}))
+      == expected
+  )

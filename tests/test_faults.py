@@ -17,17 +17,37 @@ import jax
 import numpy as np
 import pytest
 
-from masc_jax import batches, checkpointing, config_lib, train
-from masc_jax import workdir as workdir_lib
+from masc_jax.data import batches
+from masc_jax.training import checkpointing, train
+from masc_jax.training.society import build_society
+from masc_jax import config_lib
+from masc_jax.training import workdir as workdir_lib
 from conftest import REPO, run_main
 
-COMPARED = ("rows", "group_accuracy", "society_accuracy", "collective_accuracy", "directionality")
+COMPARED = (
+    "rows",
+    "group_accuracy",
+    "society_accuracy",
+    "collective_accuracy",
+    "directionality",
+)
 
 
 def popen_main(workdir, *extra):
   return subprocess.Popen(
-      [sys.executable, "-m", "masc_jax.main", "--config=tiny", f"--workdir={workdir}", *extra],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      [
+          sys.executable,
+          "-m",
+          "masc_jax.main",
+          "--config=tiny",
+          f"--workdir={workdir}",
+          *extra,
+      ],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
 
 
 def interrupt_when(workdir, marker, sig):
@@ -59,7 +79,9 @@ def assert_same_results(workdir, reference):
 def latest_meta(workdir):
   cp = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = cp.all_steps()[-1]
-  with open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")) as f:
+  with open(
+      os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")
+  ) as f:
     meta = json.load(f)
   cp.close()
   return step, meta
@@ -69,7 +91,9 @@ def latest_meta(workdir):
 def preempted_workdir(tmp_path_factory):
   """A run stopped by SIGTERM in the collective stage: checkpoints at steps 30, 36ish (+ older)."""
   workdir = str(tmp_path_factory.mktemp("preempted"))
-  code, lines = interrupt_when(workdir, "[collective] step    35", signal.SIGTERM)
+  code, lines = interrupt_when(
+      workdir, "[collective] step    35", signal.SIGTERM
+  )
   return workdir, code, lines
 
 
@@ -97,7 +121,9 @@ def _checkpoint_dirs(workdir):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete_item", "delete_file"])
-def test_a_damaged_latest_checkpoint_is_skipped(tiny_run, preempted_workdir, tmp_path, damage):
+def test_a_damaged_latest_checkpoint_is_skipped(
+    tiny_run, preempted_workdir, tmp_path, damage
+):
   workdir = _copy(preempted_workdir[0], tmp_path)
   steps = _checkpoint_dirs(workdir)
   assert len(steps) >= 2
@@ -118,7 +144,9 @@ def test_a_damaged_latest_checkpoint_is_skipped(tiny_run, preempted_workdir, tmp
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"checkpoint at step {steps[-1]} is unusable" in result.stdout
   assert f"resumed from checkpoint {steps[-2]}" in result.stdout
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "bad", str(steps[-1])))
+  assert os.path.isdir(
+      os.path.join(workdir, "checkpoints", "bad", str(steps[-1]))
+  )
   assert_same_results(workdir, tiny_run[1])
 
 
@@ -128,49 +156,75 @@ def test_an_unfinished_save_is_ignored(tiny_run, preempted_workdir, tmp_path):
   steps = _checkpoint_dirs(workdir)
   root = os.path.join(workdir, "checkpoints")
   # A step this run never saves again, so only the start-up clean-up can remove it.
-  partial = os.path.join(root, f"{steps[-1] + 10_000}.orbax-checkpoint-tmp-1234")
+  partial = os.path.join(
+      root, f"{steps[-1] + 10_000}.orbax-checkpoint-tmp-1234"
+  )
   shutil.copytree(os.path.join(root, str(steps[-1])), partial)
   os.remove(os.path.join(partial, "commit_success.txt"))
   result = run_main(["--config=tiny", f"--workdir={workdir}"])
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"resumed from checkpoint {steps[-1]}" in result.stdout
-  assert not os.path.exists(partial)          # cleaned up, not left to look like a step
+  assert not os.path.exists(partial)  # cleaned up, not left to look like a step
   assert_same_results(workdir, tiny_run[1])
 
 
-def test_no_good_checkpoint_exits_instead_of_starting_over(preempted_workdir, tmp_path):
+def test_no_good_checkpoint_exits_instead_of_starting_over(
+    preempted_workdir, tmp_path
+):
   workdir = _copy(preempted_workdir[0], tmp_path)
   for step in _checkpoint_dirs(workdir):
     shutil.rmtree(os.path.join(workdir, "checkpoints", str(step), "meta"))
   result = run_main(["--config=tiny", f"--workdir={workdir}"])
   assert result.returncode == 2
-  assert "no usable checkpoint" in result.stderr and "Traceback" not in result.stderr
+  assert (
+      "no usable checkpoint" in result.stderr
+      and "Traceback" not in result.stderr
+  )
   assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
-def test_checkpoint_of_another_shape_is_not_trusted(preempted_workdir, tmp_path):
+def test_checkpoint_of_another_shape_is_not_trusted(
+    preempted_workdir, tmp_path
+):
   workdir = _copy(preempted_workdir[0], tmp_path)
-  result = run_main(["--config=tiny", f"--workdir={workdir}", "--config.model.head_hidden=(8,)",
-                     "--allow_config_change"])
+  result = run_main(
+      [
+          "--config=tiny",
+          f"--workdir={workdir}",
+          "--config.model.head_hidden=(8,)",
+          "--allow_config_change",
+      ]
+  )
   assert result.returncode == 2
   assert "does not fit this config" in result.stdout + result.stderr
   assert "no usable checkpoint" in result.stderr
 
 
-def test_resuming_with_a_different_config_is_refused(preempted_workdir, tmp_path):
+def test_resuming_with_a_different_config_is_refused(
+    preempted_workdir, tmp_path
+):
   workdir = _copy(preempted_workdir[0], tmp_path)
   before = sorted(os.listdir(workdir))
-  result = run_main(["--config=tiny", f"--workdir={workdir}", "--config.seed=1",
-                     "--config.optim.learning_rate=0.1", "--config.log_every_steps=7"])
+  result = run_main(
+      [
+          "--config=tiny",
+          f"--workdir={workdir}",
+          "--config.seed=1",
+          "--config.optim.learning_rate=0.1",
+          "--config.log_every_steps=7",
+      ]
+  )
   assert result.returncode == 2
   assert "seed: saved 0, now 1" in result.stderr
   assert "optim.learning_rate: saved 0.05, now 0.1" in result.stderr
-  assert "log_every_steps" not in result.stderr       # does not change results
+  assert "log_every_steps" not in result.stderr  # does not change results
   assert "--allow_config_change" in result.stderr
   assert sorted(os.listdir(workdir)) == before
 
 
-def test_a_second_run_on_the_same_workdir_is_refused(preempted_workdir, tmp_path):
+def test_a_second_run_on_the_same_workdir_is_refused(
+    preempted_workdir, tmp_path
+):
   workdir = _copy(preempted_workdir[0], tmp_path)
   # Held the way a live run holds it (the library's own lock), so a lock that two runs
   # could share would let the second one through.
@@ -184,18 +238,23 @@ def test_a_second_run_on_the_same_workdir_is_refused(preempted_workdir, tmp_path
 def test_a_nan_stops_the_run_naming_stage_step_and_term(tmp_path):
   workdir = str(tmp_path / "nan")
   # Global step 40 = step 24 of the collective stage (the experts stage has 16 steps).
-  result = run_main(["--config=tiny", f"--workdir={workdir}", "--config.debug_nan_step=40"])
+  result = run_main(
+      ["--config=tiny", f"--workdir={workdir}", "--config.debug_nan_step=40"]
+  )
   assert result.returncode == 2
   # One line naming the term: with NaN parameters every term is NaN, so any of the
   # collective's logged terms may be the one named, but one of them must be.
-  named = re.fullmatch(r"error: non-finite loss term '(\w+)' in stage collective at step 24 "
-                       r"\(global step 40\); stopping\..*", result.stderr.strip())
+  named = re.fullmatch(
+      r"error: non-finite loss term '(\w+)' in stage collective at step 24 "
+      r"\(global step 40\); stopping\..*",
+      result.stderr.strip(),
+  )
   assert named and named[1] in ("ce", "kd", "align", "total"), result.stderr
   # The last good checkpoint (stage step 20) is kept and holds finite parameters.
   step, meta = latest_meta(workdir)
   assert (meta["stage"], meta["stage_step"]) == ("collective", 20)
   config = config_lib.load_config("tiny")
-  society = train.build_society(config)
+  society = build_society(config)
   run = train.Run(society, workdir, log=lambda _: None)
   state, _ = run.restore_or_init()
   run.close()
@@ -204,16 +263,27 @@ def test_a_nan_stops_the_run_naming_stage_step_and_term(tmp_path):
 
 def test_same_seed_same_everything_other_seed_differs():
   config = config_lib.load_config("tiny")
-  society = train.build_society(config)
-  init = lambda seed: train.init_run_state(society, jax.random.split(jax.random.key(seed))[0])
+  society = build_society(config)
+  init = lambda seed: train.init_run_state(
+      society, jax.random.split(jax.random.key(seed))[0]
+  )
   a, b, c = init(0), init(0), init(1)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   # Every randomly initialised weight differs (biases, BN and momentum start at constants).
-  kernels = lambda s: [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
-      {name: m.params for name, m in s.items()})[0] if "kernel" in jax.tree_util.keystr(path)]
-  assert kernels(a) and all(not np.array_equal(x, z) for x, z in zip(kernels(a), kernels(c)))
-  per_agent = batches.agent_indices(society.dataset.train_labels, society.class_groups)
+  kernels = lambda s: [
+      leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(
+          {name: m.params for name, m in s.items()}
+      )[0]
+      if "kernel" in jax.tree_util.keystr(path)
+  ]
+  assert kernels(a) and all(
+      not np.array_equal(x, z) for x, z in zip(kernels(a), kernels(c))
+  )
+  per_agent = batches.agent_indices(
+      society.dataset.train_labels, society.class_groups
+  )
   order = lambda seed: batches.AgentBatches(per_agent, 16, seed).indices(0)
   np.testing.assert_array_equal(order(0), order(0))
   assert not np.array_equal(order(0), order(1))

@@ -16,12 +16,13 @@ import jax
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from masc_jax import checkpointing, config_lib, paths, train, workdir as workdir_lib
+from masc_jax.training import checkpointing, train, workdir as workdir_lib
+from masc_jax import config_lib, paths
 
 
 class FakeBucket(MemoryFileSystem):
   protocol = ("gs", "gcs")
-  store: dict = {}                   # its own store, apart from memory://
+  store: dict = {}  # its own store, apart from memory://
   pseudo_dirs = [""]
 
   @classmethod
@@ -29,7 +30,7 @@ class FakeBucket(MemoryFileSystem):
     path = os.fspath(path)
     for prefix in ("gs://", "gcs://"):
       if path.startswith(prefix):
-        path = path[len(prefix):]
+        path = path[len(prefix) :]
     return super()._strip_protocol(path)
 
 
@@ -39,7 +40,7 @@ def bucket(monkeypatch):
   FakeBucket.pseudo_dirs[:] = [""]
   FakeBucket.clear_instance_cache()
   previous = {name: fsspec.registry.get(name) for name in FakeBucket.protocol}
-  for name in FakeBucket.protocol:           # epath asks fsspec for "gcs"
+  for name in FakeBucket.protocol:  # epath asks fsspec for "gcs"
     fsspec.register_implementation(name, FakeBucket, clobber=True)
   yield fsspec.filesystem("gs")
   for name, implementation in previous.items():
@@ -49,6 +50,7 @@ def bucket(monkeypatch):
 
 class MemoryCheckpointer:
   """``checkpointing.Checkpointer``'s interface, in memory."""
+
   directories: list = []
 
   def __init__(self, directory, max_to_keep=2):
@@ -72,7 +74,11 @@ class MemoryCheckpointer:
 
 
 def local_tree(root):
-  return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+  return sorted(
+      os.path.relpath(os.path.join(d, f), root)
+      for d, _, fs in os.walk(root)
+      for f in fs
+  )
 
 
 def test_paths_know_local_and_object_store_paths():
@@ -82,23 +88,43 @@ def test_paths_know_local_and_object_store_paths():
   assert paths.join("gs://b/run", "checkpoints") == "gs://b/run/checkpoints"
   paths.check_supported("gs://b/run")
   paths.check_supported("/tmp/run")
-  with pytest.raises(paths.UnsupportedPathError, match=r"the scheme hdfs:// is not supported"):
+  with pytest.raises(
+      paths.UnsupportedPathError, match=r"the scheme hdfs:// is not supported"
+  ):
     paths.check_supported("hdfs://namenode/run")
 
 
-def test_a_gs_workdir_gets_every_file_and_the_local_disk_none(bucket, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)                 # a path mistaken for local would land here
+def test_a_gs_workdir_gets_every_file_and_the_local_disk_none(
+    bucket, tmp_path, monkeypatch
+):
+  monkeypatch.chdir(tmp_path)  # a path mistaken for local would land here
   monkeypatch.setattr(checkpointing, "Checkpointer", MemoryCheckpointer)
   MemoryCheckpointer.directories.clear()
-  config = config_lib.load_config("tiny", ["ablations=False", "epochs.collective=1"])
-  results = train.train_and_evaluate(config, "gs://bucket/runs/tiny", log=lambda _: None)
+  config = config_lib.load_config(
+      "tiny", ["ablations=False", "epochs.collective=1"]
+  )
+  results = train.train_and_evaluate(
+      config, "gs://bucket/runs/tiny", log=lambda _: None
+  )
   assert local_tree(tmp_path) == []
   assert MemoryCheckpointer.directories == ["gs://bucket/runs/tiny/checkpoints"]
-  written = {p.split("/bucket/runs/tiny/", 1)[1] for p in bucket.find("/bucket/runs/tiny")}
-  assert {"config.json", "metrics.jsonl", "results.json", "results.md", "report.png"} <= written
+  written = {
+      p.split("/bucket/runs/tiny/", 1)[1]
+      for p in bucket.find("/bucket/runs/tiny")
+  }
+  assert {
+      "config.json",
+      "metrics.jsonl",
+      "results.json",
+      "results.md",
+      "report.png",
+  } <= written
   saved = json.loads(bucket.cat("/bucket/runs/tiny/results.json"))
   assert saved["rows"] == json.loads(json.dumps(results["rows"]))
-  records = [json.loads(l) for l in bucket.cat("/bucket/runs/tiny/metrics.jsonl").splitlines()]
+  records = [
+      json.loads(l)
+      for l in bucket.cat("/bucket/runs/tiny/metrics.jsonl").splitlines()
+  ]
   assert {r["stage"] for r in records} == {"experts", "collective", "altruism"}
   assert bucket.cat("/bucket/runs/tiny/report.png")[:4] == b"\x89PNG"
   # The saved-config guard reads the bucket: another result field is refused.
@@ -108,11 +134,15 @@ def test_a_gs_workdir_gets_every_file_and_the_local_disk_none(bucket, tmp_path, 
 
 
 def test_metrics_appended_in_a_bucket_keep_the_earlier_lines(bucket):
-  from masc_jax import progress
+  from masc_jax.reporting import progress
 
-  with progress.MetricsLogger("gs://bucket/m/metrics.jsonl", upload_every_s=0) as log:
+  with progress.MetricsLogger(
+      "gs://bucket/m/metrics.jsonl", upload_every_s=0
+  ) as log:
     log.write({"stage": "experts", "step": 1})
-  with progress.MetricsLogger("gs://bucket/m/metrics.jsonl", upload_every_s=3600) as log:
-    log.write({"stage": "experts", "step": 2})      # held back, uploaded on close
+  with progress.MetricsLogger(
+      "gs://bucket/m/metrics.jsonl", upload_every_s=3600
+  ) as log:
+    log.write({"stage": "experts", "step": 2})  # held back, uploaded on close
   lines = bucket.cat("/bucket/m/metrics.jsonl").decode().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [1, 2]

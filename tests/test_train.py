@@ -7,7 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from masc_jax import config_lib, data, metrics, protocol, reporting, train
+from masc_jax import config_lib
+from masc_jax.data import registry
+from masc_jax.method import metrics
+from masc_jax.training import protocol, train
+from masc_jax.training.society import build_society
+from masc_jax.reporting import report
 
 ROWS = ("before_growth", "after_growth", "cc_only", "ra_only")
 
@@ -17,10 +22,18 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_run):
   for name in protocol.stage_names(config_lib.load_config("tiny")):
     assert any(line.startswith(f"[{name}] done:") for line in lines), name
   assert set(results["rows"]) == set(ROWS)
-  for name in ("results.json", "results.md", "report.png", "metrics.jsonl", "config.json"):
+  for name in (
+      "results.json",
+      "results.md",
+      "report.png",
+      "metrics.jsonl",
+      "config.json",
+  ):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   with open(os.path.join(workdir, "results.md")) as f:
-    assert f.read() == reporting.results_markdown(json.load(open(os.path.join(workdir, "results.json"))))
+    assert f.read() == report.results_markdown(
+        json.load(open(os.path.join(workdir, "results.json")))
+    )
 
 
 def test_metrics_log_has_a_record_per_logged_step_and_evaluation(tiny_run):
@@ -31,16 +44,22 @@ def test_metrics_log_has_a_record_per_logged_step_and_evaluation(tiny_run):
   evals = [r for r in records if "eval" in r]
   progress = [l for l in lines if "| ETA" in l]
   assert len(steps) == len(progress)
-  assert [r["stage"] for r in evals] == list(protocol.stage_names(config_lib.load_config("tiny")))
-  assert all({"ce", "total", "images_per_s", "global_step"} <= set(r) for r in steps)
+  assert [r["stage"] for r in evals] == list(
+      protocol.stage_names(config_lib.load_config("tiny"))
+  )
+  assert all(
+      {"ce", "total", "images_per_s", "global_step"} <= set(r) for r in steps
+  )
 
 
 def test_results_rows_agree_with_the_group_accuracy_matrices(tiny_run):
   """Expert_k is the diagonal of the group matrix; General_k the size-weighted rest."""
   _, results, _ = tiny_run
   groups = np.asarray(results["class_groups"])
-  test_labels = data.load_dataset("digits").test_labels
-  sizes = np.bincount(metrics.label_group(test_labels, groups), minlength=len(groups))
+  test_labels = registry.load_dataset("digits").test_labels
+  sizes = np.bincount(
+      metrics.label_group(test_labels, groups), minlength=len(groups)
+  )
   for row in ROWS:
     acc = np.asarray(results["group_accuracy"][row])
     k = len(acc)
@@ -49,7 +68,9 @@ def test_results_rows_agree_with_the_group_accuracy_matrices(tiny_run):
       others = [g for g in range(k) if g != a]
       expected = np.sum(acc[a, others] * sizes[others]) / np.sum(sizes[others])
       np.testing.assert_allclose(results["rows"][row]["general"][a], expected)
-    assert results["directionality"][row] == bool(np.all(np.diag(acc) >= acc.max(axis=0)))
+    assert results["directionality"][row] == bool(
+        np.all(np.diag(acc) >= acc.max(axis=0))
+    )
 
 
 def test_before_growth_agents_know_only_their_own_classes(tiny_run):
@@ -60,28 +81,47 @@ def test_before_growth_agents_know_only_their_own_classes(tiny_run):
 def test_a_finished_run_reports_without_training(tiny_run):
   workdir, results, _ = tiny_run
   lines = []
-  again = train.train_and_evaluate(config_lib.load_config("tiny"), workdir, log=lines.append)
+  again = train.train_and_evaluate(
+      config_lib.load_config("tiny"), workdir, log=lines.append
+  )
   assert any("this run is finished" in l for l in lines)
   assert not any("| ETA" in l for l in lines)
   assert again["rows"] == json.loads(json.dumps(results["rows"]))
 
 
-def test_a_stage_registered_from_outside_is_trained_and_reported(tmp_path, monkeypatch):
+def test_a_stage_registered_from_outside_is_trained_and_reported(
+    tmp_path, monkeypatch
+):
   """The loop runs whatever the stage table holds: a second round of heads, as one entry."""
   monkeypatch.setattr(protocol, "STAGES", protocol.STAGES)
   monkeypatch.setattr(protocol, "BY_NAME", dict(protocol.BY_NAME))
-  again = dataclasses.replace(protocol.BY_NAME["altruism"], name="altruism_again",
-                              variables_key="heads_again", rows=("after_growth_again",))
+  again = dataclasses.replace(
+      protocol.BY_NAME["altruism"],
+      name="altruism_again",
+      variables_key="heads_again",
+      rows=("after_growth_again",),
+  )
   protocol.register_stage(again, after="altruism")
   config = config_lib.load_config("tiny", ["ablations=False"])
-  assert protocol.stage_names(config) == ("experts", "collective", "altruism", "altruism_again")
+  assert protocol.stage_names(config) == (
+      "experts",
+      "collective",
+      "altruism",
+      "altruism_again",
+  )
   lines = []
   results = train.train_and_evaluate(config, str(tmp_path), log=lines.append)
-  assert set(results["rows"]) == {"before_growth", "cc_only", "after_growth", "after_growth_again"}
+  assert set(results["rows"]) == {
+      "before_growth",
+      "cc_only",
+      "after_growth",
+      "after_growth_again",
+  }
   assert results["stages"][-1] == "altruism_again"
-  society = train.build_society(config)
+  society = build_society(config)
   assert results["timings"]["altruism_again"]["steps"] == (
-      society.agent_batches.steps_per_epoch * config.epochs.altruism)
+      society.agent_batches.steps_per_epoch * config.epochs.altruism
+  )
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     evals = [r["stage"] for r in map(json.loads, f) if "eval" in r]
   assert evals == ["experts", "collective", "altruism", "altruism_again"]

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   config.batch_size = 16
   config.eval_batch_size = 250
   config.epochs.experts = config.epochs.collective = config.epochs.altruism = 1
-  config.seeds = ""                    # one run (digits trains a population)
+  config.seeds = ""  # one run (digits trains a population)
   config.log_every_steps = 5
   config.checkpoint_every_steps = 10
   return config

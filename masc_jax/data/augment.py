@@ -1,0 +1,116 @@
+"""On-device normalisation and train-time augmentation (pure JAX, jit-able).
+
+The uint8 images live on the device; a training step gathers its batch and
+calls `augment_and_normalize` inside jit. Augmentation follows the usual CIFAR
+recipe (spec, "Optimisation"): zero-pad the raw pixels by `crop_padding` on
+each side, take a random H x W window, flip horizontally with probability 0.5
+(like torchvision's RandomCrop(padding=4) + RandomHorizontalFlip), then
+normalise with the dataset's mean / std. No test-time augmentation.
+
+All functions accept any number of leading batch dimensions, e.g. [B, H, W, C]
+for the collective network or [K, B, H, W, C] for the stacked agents.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import jax
+import jax.numpy as jnp
+
+
+def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """(images / 255 - mean) / std.
+
+  Args:
+    images: [..., H, W, C] uint8 (or any real dtype on the 0..255 scale).
+    mean: [C] per-channel mean of pixel / 255.
+    std: [C] per-channel std of pixel / 255.
+
+  Returns:
+    [..., H, W, C] float32.
+  """
+  x = jnp.asarray(images).astype(jnp.float32) / 255.0
+  mean = jnp.asarray(mean, dtype=jnp.float32)
+  std = jnp.asarray(std, dtype=jnp.float32)
+  return (x - mean) / std
+
+
+def random_crop_flip(
+    images: jax.Array, rng: jax.Array, *, crop_padding: int, flip: bool
+) -> jax.Array:
+  """Per-image random crop (after zero padding) and random horizontal flip.
+
+  Args:
+    images: [..., H, W, C], any dtype; every image gets its own draw.
+    rng: a PRNG key.
+    crop_padding: p >= 0 (static). Each image is zero-padded by p pixels on
+      every side and an H x W window is taken at a uniform offset in
+      [0, 2p] x [0, 2p]; p = 0 means no crop.
+    flip: static; if True each image is mirrored left-right with probability 0.5.
+
+  Returns:
+    [..., H, W, C], same dtype as `images`.
+  """
+  crop_padding = operator.index(crop_padding)
+  if crop_padding < 0:
+    raise ValueError(f"crop_padding must be >= 0; got {crop_padding}.")
+  images = jnp.asarray(images)
+  if images.ndim < 3:
+    raise ValueError(
+        f"images must have shape [..., H, W, C]; got shape {images.shape}."
+    )
+  if crop_padding == 0 and not flip:
+    return images
+  *lead, h, w, c = images.shape
+  # Flatten the leading dims so one vmap handles [B, ...] and [K, B, ...].
+  flat = images.reshape((-1, h, w, c))
+  n = flat.shape[0]
+  # Separate keys for the two draws so turning one off leaves the other's
+  # randomness unchanged.
+  crop_key, flip_key = jax.random.split(rng)
+
+  if crop_padding > 0:
+    p = crop_padding
+    padded = jnp.pad(flat, ((0, 0), (p, p), (p, p), (0, 0)))
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
+
+    def crop_one(image: jax.Array, offset: jax.Array) -> jax.Array:
+      return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+    flat = jax.vmap(crop_one)(padded, offsets)
+
+  if flip:
+    mirror = jax.random.bernoulli(flip_key, 0.5, (n,))
+    flat = jnp.where(mirror[:, None, None, None], flat[:, :, ::-1, :], flat)
+
+  return flat.reshape((*lead, h, w, c))
+
+
+def augment_and_normalize(
+    images: jax.Array,
+    rng: jax.Array,
+    *,
+    mean: jax.Array,
+    std: jax.Array,
+    crop_padding: int,
+    flip: bool,
+) -> jax.Array:
+  """Random crop / flip on the raw pixels, then normalise.
+
+  Padding happens before normalisation, so padded pixels are raw zeros
+  (normalised to -mean / std), as with torchvision's RandomCrop(padding=p).
+
+  Args:
+    images: [..., H, W, C] uint8.
+    rng: a PRNG key.
+    mean, std: [C] float32 (see `normalize`).
+    crop_padding, flip: static (see `random_crop_flip`).
+
+  Returns:
+    [..., H, W, C] float32.
+  """
+  augmented = random_crop_flip(
+      images, rng, crop_padding=crop_padding, flip=flip
+  )
+  return normalize(augmented, mean, std)

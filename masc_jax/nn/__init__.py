@@ -1,0 +1,1 @@
+"""The networks: the VGG-style backbone and head, their convolution kernels and the per-layer tuning."""

@@ -1,0 +1,1 @@
+"""Devices and processes: the (members, agents, data) mesh, multi-process runs, the compilation cache."""

@@ -1,0 +1,1 @@
+"""What a run reports: results.json / results.md, figures, statistics over seeds, progress lines."""

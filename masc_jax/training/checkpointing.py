@@ -1,0 +1,242 @@
+"""Orbax checkpoints of the whole run, and falling back past bad ones.
+
+A checkpoint holds two items:
+  ``state``: the pytree of every model's ``ModelState`` (stacked agents included);
+  ``meta``:  JSON with the run's position (stage, step within it), the finished
+             stages' results and timings.
+The data order and every step key are pure functions of (seed, stage, step),
+so the position is all the iterator and RNG state a resume needs.
+
+Orbax writes each checkpoint into a temporary folder and renames it when
+complete, so a process killed mid-save leaves no checkpoint that looks
+finished. A finished checkpoint can still be damaged later (a truncated or
+deleted file): ``restore_latest_good`` then reports it, moves it aside to
+``checkpoints/bad/`` and tries the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from masc_jax.parallel import multihost
+from masc_jax import paths
+
+PyTree = Any
+
+
+class NoGoodCheckpointError(RuntimeError):
+  """Checkpoints exist but none can be restored."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint of other models (another config): not damaged, not usable."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (full or read-only filesystem, lost bucket access)."""
+
+
+def _write_error(directory: str, error: Exception) -> CheckpointWriteError:
+  text = " ".join(str(error).split())
+  reason = (
+      "no space left on device"
+      if "No space left on device" in text
+      else f"{type(error).__name__}: {text[:300]}"
+  )
+  return CheckpointWriteError(
+      f"could not write a checkpoint to {directory}: {reason}; "
+      "the last complete checkpoint is kept"
+  )
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  """``{"experts.params.backbone.conv0.kernel": shape, ...}``, Orbax's leaf names."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+      ".".join(_key_name(k) for k in path): tuple(leaf.shape)
+      for path, leaf in flat
+  }
+
+
+def mismatch(
+    saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]
+) -> str | None:
+  """None if the saved leaves are exactly the wanted ones; else the first differences."""
+  problems = [f"{name} is missing" for name in sorted(set(wanted) - set(saved))]
+  problems += [
+      f"{name} is not part of this config"
+      for name in sorted(set(saved) - set(wanted))
+  ]
+  problems += [
+      f"{name} has shape {saved[name]}, this config needs {wanted[name]}"
+      for name in sorted(set(saved) & set(wanted))
+      if saved[name] != wanted[name]
+  ]
+  if not problems:
+    return None
+  more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+  return "; ".join(problems[:3]) + more
+
+
+class Checkpointer:
+  """Saves and restores ``(state, meta)`` in ``directory`` through Orbax."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.directory = paths.absolute(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+        ),
+        item_names=("state", "meta"),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: PyTree, meta: dict) -> None:
+    """Start saving (asynchronously); the previous save is finished first.
+
+    Raises:
+      CheckpointWriteError: this save, or the previous one, could not be written.
+    """
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+          ),
+          force=True,
+      )
+    except (OSError, ValueError, RuntimeError) as e:
+      raise _write_error(self.directory, e) from e
+
+  def wait(self) -> None:
+    """Block until the last save is on disk (``CheckpointWriteError`` if it failed)."""
+    try:
+      self._manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+      raise _write_error(self.directory, e) from e
+
+  def restore(
+      self, step: int, abstract_state: PyTree, shardings: PyTree | None = None
+  ) -> tuple[PyTree, dict]:
+    """Restore one step into ``abstract_state``'s structure (and shardings).
+
+    Raises:
+      CheckpointMismatchError: the checkpoint holds models of other shapes.
+      Exception: anything else Orbax raises on a damaged checkpoint.
+    """
+    # Compare shapes from the metadata first: a clear message, and no read of
+    # arrays that cannot fit.
+    saved = leaf_shapes(self._manager.item_metadata(step)["state"])
+    problem = mismatch(saved, leaf_shapes(abstract_state))
+    if problem is not None:
+      raise CheckpointMismatchError(
+          f"checkpoint {step} does not fit this config: {problem}"
+      )
+    if shardings is not None:
+      target = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract_state,
+          shardings,
+      )
+    else:
+      target = abstract_state
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+    )
+    state, meta = restored["state"], restored["meta"]
+    if not isinstance(meta, dict) or "stage" not in meta:
+      raise ValueError(f"checkpoint {step} has no run position in its metadata")
+    return state, meta
+
+  def restore_latest_good(
+      self,
+      abstract_state: PyTree,
+      shardings: PyTree | None = None,
+      log=logging.warning,
+  ) -> tuple[int, PyTree, dict] | None:
+    """The newest checkpoint that restores cleanly, or None if there are none.
+
+    Damaged checkpoints (unreadable, truncated, missing items) are reported
+    through ``log`` and moved to ``<directory>/bad/`` so later saves do not
+    collide with them. Checkpoints of other shapes (another config) are
+    reported and left in place.
+
+    Raises:
+      NoGoodCheckpointError: checkpoints exist but none restores.
+    """
+    steps = self.all_steps()
+    if not steps:
+      return None
+    problems = []
+    for step in reversed(steps):
+      try:
+        state, meta = self.restore(step, abstract_state, shardings)
+        return step, state, meta
+      except CheckpointMismatchError as e:
+        problems.append(str(e))
+        log(f"{e}; trying the previous one")
+      except Exception as e:  # noqa: BLE001 - any failure means: do not trust it
+        reason = (
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
+        problems.append(
+            f"checkpoint {step} is damaged ({reason}); moved to {self.directory}/bad/"
+        )
+        log(
+            f"checkpoint at step {step} is unusable ({reason}); trying the previous one"
+        )
+        self._set_aside(step)
+    raise NoGoodCheckpointError(
+        f"no usable checkpoint in {self.directory}:\n  "
+        + "\n  ".join(problems)
+        + "\nRefusing to start over on top of them: remove the workdir or pass a new --workdir."
+    )
+
+  def _set_aside(self, step: int) -> None:
+    if multihost.is_primary():
+      source = epath.Path(self.directory) / str(step)
+      target = epath.Path(self.directory) / "bad" / str(step)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target.rmtree()
+      if source.exists():
+        source.rename(target)
+    # Every process sees the step gone before any of them lists the steps again.
+    multihost.sync(f"checkpoint_{step}_set_aside")
+    self._manager.reload()
+
+  def close(self) -> None:
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+  """``ShapeDtypeStruct`` leaves for a pytree of arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree
+  )

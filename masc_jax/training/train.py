@@ -1,0 +1,733 @@
+"""The socialized-learning run: every stage of ``protocol.STAGES`` in order, then the table.
+
+``train_and_evaluate(config, workdir)`` is the whole job. The stages, their
+models, batches, steps and result rows come from the stage table
+(``protocol``); this module only runs them: it builds the society (data on
+device, class groups, networks, mesh), initialises or restores every model,
+compiles each stage's step for the mesh, runs it with checkpoints, logs and
+NaN checks, evaluates after each stage, and writes results.json / results.md /
+report.png.
+
+Everything a resume needs is in the checkpoint: every model's state and the
+run position (stage, step). Data order and step keys are pure functions of
+(seed, stage, step), so a resumed run repeats the uninterrupted one exactly.
+
+A population (``config.seeds``, ``config.sweep``; ``masc_jax.training.population``) runs
+through the same code: every model, batch and key carries a leading member axis
+``[P, ...]``, each stage's step is mapped over it (``society.members.map``) with
+the swept settings as per-member arrays, and the results are each member's plus
+their statistics. A plain run has no member axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from masc_jax.method import agents, routing, steps
+from masc_jax.data import augment
+from masc_jax.training import checkpointing, evaluation, faults, population, protocol, workdir as workdir_lib
+from masc_jax import config_lib, paths
+from masc_jax.reporting import plots, population_report, stats, progress, report, routing_diagnostics
+from masc_jax.parallel import sharding
+from masc_jax.training.step_log import NonFiniteLossError, StepLog
+from masc_jax.training.protocol import StageSpec
+from masc_jax.training.society import Society, build_society
+
+PyTree = Any
+DONE = "done"  # the run position after the last stage
+
+
+class Preempted(SystemExit):
+  """SIGTERM arrived; a checkpoint was saved."""
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def init_run_state(
+    society: Society, rng: jax.Array
+) -> dict[str, steps.ModelState]:
+  """Every model the run trains, freshly initialised, keyed by stage name.
+
+  One key per kind of model (``protocol.MODEL_KINDS``), split per agent for
+  stacked models; stages of one kind start from the same state.
+  """
+  config = society.config
+  k = society.num_agents
+  tx = steps.make_optimizer(config.optim)
+  image = jnp.zeros((1,) + society.dataset.image_shape, jnp.float32)
+  keys = dict(
+      zip(
+          protocol.MODEL_KINDS, jax.random.split(rng, len(protocol.MODEL_KINDS))
+      )
+  )
+
+  def heads(key):
+    features = jax.eval_shape(
+        lambda v: society.backbone.apply(v, image, train=False),
+        {
+            "params": init["collective"].params["backbone"],
+            "batch_stats": init["collective"].batch_stats["backbone"],
+        },
+    )
+    feature_input = jnp.zeros(features.shape, jnp.float32)
+    return agents.init_stacked(
+        lambda key: steps.init_model_state(
+            society.head, key, feature_input, tx
+        ),
+        jax.random.split(key, k),
+    )
+
+  makers = {
+      "experts": lambda key: agents.init_stacked(
+          lambda key: steps.init_model_state(
+              society.expert_network, key, image, tx
+          ),
+          jax.random.split(key, k),
+      ),
+      "collective": lambda key: steps.init_model_state(
+          society.collective_network, key, image, tx
+      ),
+      "heads": heads,
+  }
+  init = {}
+  for (
+      kind
+  ) in (
+      protocol.MODEL_KINDS
+  ):  # in this order: heads read the collective's feature shape
+    init[kind] = makers[kind](keys[kind])
+  return {spec.name: init[spec.model] for spec in protocol.stages_for(config)}
+
+
+def init_population_state(
+    society: Society, init_keys: jax.Array
+) -> dict[str, steps.ModelState]:
+  """``init_run_state`` of every member (``init_keys [P]``), stacked ``[P, ...]``.
+
+  Each member starts from its own key with its own settings (a swept momentum
+  keeps a momentum trace in every member's optimiser state).
+  """
+  members = society.members
+  return members.map(
+      lambda key, settings: init_run_state(society.with_settings(settings), key)
+  )(init_keys, members.hparams())
+
+
+def state_shardings(
+    society: Society, abstract_state: PyTree, member_axis: bool | None = None
+) -> PyTree:
+  """Stacked models along the agent axis; the collectives replicated (members split).
+
+  ``member_axis=False``: the shardings of one member's state (default: the
+  population's arrays have a member axis).
+  """
+  mesh = society.mesh
+  pop = society.members.is_population if member_axis is None else member_axis
+  placement = {
+      protocol.STACKED: sharding.stacked(mesh, pop),
+      protocol.REPLICATED: sharding.replicated(mesh, pop),
+  }
+  return {
+      name: sharding.tree_sharding(
+          tree, placement[protocol.BY_NAME[name].sharding]
+      )
+      for name, tree in abstract_state.items()
+  }
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def batch_source(
+    society: Society, spec: StageSpec
+) -> Callable[[int], dict[str, jax.Array]]:
+  """``step -> batch`` on device, gathered from the resident uint8 images."""
+  place = (
+      sharding.agent_batch
+      if spec.batches == protocol.PER_AGENT
+      else sharding.pooled_batch
+  )
+  batch_sharding = place(
+      society.mesh, society.config.batch_size, society.members.is_population
+  )
+  indices = protocol.batches_of(society, spec).indices
+
+  @functools.partial(jax.jit, out_shardings=batch_sharding)
+  def gather(images, labels, idx):
+    return {"image": images[idx], "label": labels[idx]}
+
+  return lambda step: gather(
+      society.train_images, society.train_labels, indices(step)
+  )
+
+
+def compile_stage(
+    society: Society,
+    spec: StageSpec,
+    state: dict[str, steps.ModelState],
+    start_step: int,
+    stage_key: jax.Array,
+):
+  """The stage's step, jit-compiled ahead of time for the mesh.
+
+  Returns ``(compiled, frozen, get_batch)``: call ``compiled(state[spec.name],
+  get_batch(step), members.fold_in(stage_key, step), frozen)``. The trained
+  state is donated, and constrained to keep its sharding (stacked along the
+  agent axis, or replicated for a collective). A population's step maps the
+  member step over the member axis, with the swept settings bound as arrays;
+  members in turn (``loop``, ``threads``) get a ``population.MembersInTurn``.
+  Either way ``compiled`` also has ``unstack``, ``step_members`` and ``stack``
+  (the training loop's way: members' states kept apart within a stage; for one
+  program ``unstack`` and ``stack`` return the state as it is).
+  """
+  members = society.members
+  get_batch = batch_source(society, spec)
+  looped = members.runs_in_turn
+  shardings = state_shardings(
+      society,
+      {spec.name: state[spec.name]},
+      member_axis=None if not looped else False,
+  )[spec.name]
+
+  def member_step(model_state, batch, rng, frozen, settings):
+    # Built inside the trace: a swept setting is a traced value of this member.
+    return spec.make_step(society.with_settings(settings), spec)(
+        model_state, batch, rng, frozen
+    )
+
+  step_fn = member_step if looped else members.map(member_step)
+  replicated = sharding.replicated(society.mesh)
+
+  def constrained(model_state, batch, rng, frozen, hparams):
+    new_state, metrics = step_fn(model_state, batch, rng, frozen, hparams)
+    # Metrics replicated: a few numbers, and every process of a multi-process run
+    # must be able to read them for the log and the NaN check.
+    return (
+        jax.lax.with_sharding_constraint(new_state, shardings),
+        jax.lax.with_sharding_constraint(metrics, replicated),
+    )
+
+  frozen = frozen_inputs(society, spec, state)
+  hparams = jax.device_put(members.hparams(), replicated)
+  jitted = jax.jit(constrained, donate_argnums=(0,))
+  example = (
+      state[spec.name],
+      get_batch(start_step),
+      members.fold_in(stage_key, start_step),
+  )
+  if looped:
+    step = population.MembersInTurn(
+        jitted,
+        example,
+        frozen,
+        hparams,
+        members.size,
+        threads=members.strategy == config_lib.THREADS,
+    )
+    return step, frozen, get_batch
+  compiled = jitted.lower(*example, frozen, hparams).compile()
+  one_at_a_time = (
+      sharding.one_program_at_a_time()
+  )  # several CPU devices: see there
+
+  def step(model_state, batch, rng, frozen):
+    out = compiled(model_state, batch, rng, frozen, hparams)
+    return jax.block_until_ready(out) if one_at_a_time else out
+
+  return population.WholeStep(step), frozen, get_batch
+
+
+def frozen_inputs(
+    society: Society, spec: StageSpec, state: dict[str, steps.ModelState]
+) -> PyTree:
+  """The frozen models ``spec``'s step reads, for every member.
+
+  Whether a loss reads its teachers can depend on a swept weight (a KD weight
+  of 0): take the teachers if any member's settings use them (a weight of 0
+  then multiplies them away).
+  """
+  candidates = [
+      spec.frozen(society.with_settings(settings), spec, state)
+      for settings in society.members.distinct_settings()
+  ]
+  return max(candidates, key=lambda frozen: len(jax.tree.leaves(frozen)))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+  leaves = [
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class Run:
+  """One run in one workdir: trains the remaining stages, evaluates, reports."""
+
+  def __init__(
+      self, society: Society, workdir: str, log: Callable[[str], None] = print
+  ):
+    self.society = society
+    self.config = society.config
+    self.workdir = workdir
+    self.is_writer = jax.process_index() == 0
+    self.log = log if self.is_writer else (lambda _: None)
+    self.specs = protocol.stages_for(self.config)
+    self.names = tuple(spec.name for spec in self.specs)
+    steps = np.cumsum(
+        [0] + [protocol.total_steps(society, spec) for spec in self.specs]
+    )
+    self.offsets = dict(
+        zip(self.names + (DONE,), map(int, steps))
+    )  # global step of each start
+    self.checkpointer = checkpointing.Checkpointer(
+        paths.join(workdir, "checkpoints"), self.config.keep_checkpoints
+    )
+    self.metrics_log = progress.MetricsLogger(
+        paths.join(workdir, "metrics.jsonl"), enabled=self.is_writer
+    )
+    self.members = society.members
+    keys = self.members.keys(
+        lambda seed: jax.random.split(jax.random.key(seed))
+    )  # [(P,) 2]
+    self.init_key, self.train_key = keys[..., 0], keys[..., 1]
+    # [P] for a population; replicated, so every process can read it.
+    self._finite = jax.jit(
+        self.members.map(_all_finite),
+        out_shardings=sharding.replicated(society.mesh),
+    )
+
+  # -- state and checkpoints
+
+  def restore_or_init(self) -> tuple[dict, dict]:
+    init = functools.partial(init_population_state, self.society, self.init_key)
+    abstract = jax.eval_shape(init)
+    shardings = state_shardings(self.society, abstract)
+    restored = self.checkpointer.restore_latest_good(
+        abstract, shardings, log=self.log
+    )
+    if restored is None:
+      state = self.fresh_state(init, shardings)
+      return state, {
+          "stage": self.names[0],
+          "stage_step": 0,
+          "stage_results": {},
+          "timings": {},
+      }
+    step, state, meta = restored
+    self.log(
+        f"resumed from checkpoint {step}: stage {meta['stage']}, step {meta['stage_step']}"
+    )
+    return state, meta
+
+  def fresh_state(
+      self, init: Callable[[], PyTree], shardings: PyTree
+  ) -> PyTree:
+    """Every model freshly initialised, placed with ``shardings``.
+
+    Members run in turn (``loop``): one member's init compiled once and called
+    per member, not P copies of it in one program.
+    """
+    members = self.members
+    if not members.runs_in_turn:
+      return jax.jit(init, out_shardings=shardings)()
+    return population.init_in_turn(
+        lambda key, settings: init_run_state(
+            self.society.with_settings(settings), key
+        ),
+        self.init_key,
+        members.hparams(),
+        shardings,
+    )
+
+  def save(self, state: dict, meta: dict) -> None:
+    bad = self.members.nonfinite_members(jax.device_get(self._finite(state)))
+    if bad:
+      whose = (
+          f" of {'; '.join(m.describe() for m in bad)}"
+          if self.members.is_population
+          else ""
+      )
+      raise NonFiniteLossError(
+          f"refusing to checkpoint non-finite parameters{whose} in stage {meta['stage']} at step "
+          f"{meta['stage_step']}; the last good checkpoint is kept"
+      )
+    self.checkpointer.save(
+        self.offsets[meta["stage"]] + meta["stage_step"], state, meta
+    )
+
+  def stop_if_preempted(
+      self, sigterm: workdir_lib.SigtermFlag, state: dict, meta: dict
+  ) -> None:
+    """After SIGTERM: make sure a checkpoint holds this position, then exit 143."""
+    if not sigterm.raised:
+      return
+    self.checkpointer.wait()
+    if (
+        self.offsets[meta["stage"]] + meta["stage_step"]
+        not in self.checkpointer.all_steps()
+    ):
+      self.save(state, meta)
+      self.checkpointer.wait()
+    self.log(
+        f"SIGTERM: saved a checkpoint at stage {meta['stage']}, step {meta['stage_step']}; "
+        "exiting"
+    )
+    raise Preempted(143)
+
+  # -- one stage
+
+  def train_stage(
+      self,
+      spec: StageSpec,
+      state: dict,
+      meta: dict,
+      sigterm: workdir_lib.SigtermFlag,
+  ) -> dict:
+    society, config, name = self.society, self.config, spec.name
+    total, start = protocol.total_steps(society, spec), meta["stage_step"]
+    stage_key = self.members.fold_in(self.train_key, self.names.index(name))
+    t0 = time.perf_counter()
+    compiled, frozen, get_batch = compile_stage(
+        society, spec, state, start, stage_key
+    )
+    compile_s = time.perf_counter() - t0
+    faults.reach("compiled", name)
+    # A SIGTERM during the compile: stop before training (this position is saved).
+    sigterm.poll()
+    self.stop_if_preempted(
+        sigterm, state, {**meta, "stage": name, "stage_step": start}
+    )
+    self.log(
+        f"[{name}] {total} steps ({config.batch_size} per batch, "
+        f"{protocol.images_per_step(society, spec)} images per step); compiled in {compile_s:.1f}s"
+        + (f"; resuming at step {start}" if start else "")
+    )
+    step_log = StepLog(
+        name,
+        total,
+        protocol.images_per_step(society, spec),
+        config.log_every_steps,
+        self.offsets[name],
+        self.log,
+        self.metrics_log,
+        self.members,
+    )
+    # Members in turn: their states stay apart until a checkpoint or the stage's end.
+    model_state = compiled.unstack(state[name])
+    t_start = time.perf_counter()
+    for step in range(start, total):
+      if self.offsets[name] + step == config.debug_nan_step:
+        # Fault injection (tests): poison the parameters as a diverged step would.
+        whole = compiled.stack(model_state)
+        model_state = compiled.unstack(
+            whole.replace(
+                params=jax.tree.map(lambda p: p * jnp.nan, whole.params)
+            )
+        )
+      model_state, metrics = compiled.step_members(
+          model_state,
+          get_batch(step),
+          self.members.fold_in(stage_key, step),
+          frozen,
+      )
+      step_log.add(step, metrics)
+      done = step + 1
+      faults.reach("step", name)
+      if step_log.is_due(done):
+        step_log.flush(done)
+      if sigterm.poll() or (
+          done % config.checkpoint_every_steps == 0 and done < total
+      ):
+        step_log.flush(done)
+        state = {**state, name: compiled.stack(model_state)}
+        position = {**meta, "stage": name, "stage_step": done}
+        self.save(state, position)
+        self.stop_if_preempted(sigterm, state, position)
+    model_state = jax.block_until_ready(compiled.stack(model_state))
+    train_s = time.perf_counter() - t_start
+    meta["timings"][name] = {
+        "compile_s": compile_s,
+        "train_s": train_s,
+        "steps": total - start,
+        "images_per_s": (total - start)
+        * protocol.images_per_step(society, spec)
+        / max(train_s, 1e-9),
+    }
+    return {**state, name: model_state}
+
+  # -- evaluation
+
+  def evaluate(self, state: dict, upto: str) -> list[dict]:
+    """Each member's results of every row whose models are trained (stages up to ``upto``)."""
+    trained = (
+        self.specs if upto == DONE else self.specs[: self.names.index(upto) + 1]
+    )
+    per_stage = [self.evaluate_stage(state, spec) for spec in trained]
+    return [
+        evaluation.merge_results(stages_of_member)
+        for stages_of_member in zip(*per_stage)
+    ]
+
+  def evaluate_stage(self, state: dict, spec: StageSpec) -> list[dict]:
+    """Each member's results of the rows and collective that stage ``spec`` feeds."""
+    society, ds, members = self.society, self.society.dataset, self.members
+    read = (spec,) + ((protocol.BY_NAME[spec.base],) if spec.base else ())
+    variables = {s.variables_key: state[s.name].variables() for s in read}
+    normalize = functools.partial(augment.normalize, mean=ds.mean, std=ds.std)
+    # One member at a time, with the single run's program: a member's routing
+    # decisions sit on a knife's edge, and an eval program that fuses P members
+    # rounds the free energies differently. Evaluation is a small part of a run.
+    predict = jax.jit(
+        lambda variables, settings, images: protocol.predict_rows(
+            society.with_settings(settings),
+            (spec,),
+            variables,
+            images,
+            normalize,
+        ),
+        out_shardings=sharding.replicated(society.mesh),
+    )  # read on every process
+    results = []
+    for index, member in enumerate(members.members):
+      member_variables = (
+          jax.tree.map(lambda x: x[index], variables)
+          if members.is_population
+          else variables
+      )
+      settings = dict(member.settings)
+      predictions = evaluation.predict_all(
+          lambda v, images: predict(v, settings, images),
+          member_variables,
+          society.test_images,
+          len(ds.test_labels),
+          self.config.eval_batch_size,
+      )
+      results.append(
+          evaluation.results_from_predictions(
+              predictions,
+              ds.test_labels,
+              society.class_groups.groups,
+              rows=spec.rows,
+              collectives=[spec.collective] if spec.collective else [],
+          )
+      )
+    faults.reach("evaluated", spec.name)
+    return results
+
+  def finish_stage(self, spec: StageSpec, state: dict, meta: dict) -> dict:
+    """Evaluate the stage's rows, log its summary, move the position on.
+
+    Each stage's evaluation is kept in the run position (``meta``), so the
+    final results merge them and no stage is evaluated twice.
+    """
+    member_results = self.evaluate_stage(state, spec)
+    evaluations = {**meta.get("evaluations", {}), spec.name: member_results}
+    meta["stage_results"][spec.name] = stage_summary(spec, member_results)
+    timing = meta["timings"][spec.name]
+    self.log(
+        progress.stage_summary_line(
+            spec.name,
+            timing["steps"],
+            timing["train_s"],
+            timing["compile_s"],
+            meta["stage_results"][spec.name],
+        )
+    )
+    self.metrics_log.write(
+        {"stage": spec.name, "eval": meta["stage_results"][spec.name]}
+    )
+    position = self.names.index(spec.name) + 1
+    meta = {
+        **meta,
+        "stage": self.names[position] if position < len(self.names) else DONE,
+        "stage_step": 0,
+        "evaluations": evaluations,
+    }
+    if meta["stage"] == DONE:
+      # A run resumed from a checkpoint of an older version may lack some stages' evaluations.
+      per_stage = [
+          evaluations.get(s.name) or self.evaluate_stage(state, s)
+          for s in self.specs
+      ]
+      merged = [evaluation.merge_results(member) for member in zip(*per_stage)]
+      meta["results"] = self.final_results(merged, meta["timings"])
+    return meta
+
+  def final_results(self, member_results: list[dict], timings: dict) -> dict:
+    """A plain run's results, or a population's: every member's and their statistics."""
+    rule, _ = routing.settings_from_config(self.config)
+    common = {
+        "timings": timings,
+        "stages": list(self.names),
+        "routing": rule,
+        "routing_margin": self.config.routing_margin,
+        "config": json.loads(self.config.to_json()),
+    }
+    if not self.members.is_population:
+      return {**member_results[0], **common}
+    described = {
+        "members": [m.as_dict() for m in self.members.members],
+        "swept": list(self.members.swept),
+    }
+    results = {
+        "population": described,
+        "members": member_results,
+        "aggregate": stats.aggregate(member_results),
+        **common,
+    }
+    if self.members.swept:
+      results["sweep"] = stats.sweep_summary(described, member_results)
+    return results
+
+  # -- the whole run
+
+  def run(self) -> dict:
+    faults.install_commit_hook()
+    for note in sharding.describe_layout(
+        self.society.mesh, self.config.batch_size
+    ):
+      self.log(note)
+    state, meta = self.restore_or_init()
+    if meta["stage"] == DONE:
+      # Finished before; a kill after the last checkpoint may have cut the reports short.
+      self.log("this run is finished; its results:")
+      self.report(meta["results"], only_missing=True)
+      return meta["results"]
+    with workdir_lib.SigtermFlag() as sigterm:
+      for spec in self.specs[self.names.index(meta["stage"]) :]:
+        state = self.train_stage(spec, state, meta, sigterm)
+        meta = self.finish_stage(spec, state, meta)
+        self.save(state, meta)
+        faults.reach("stage_saved", spec.name)
+        sigterm.poll()
+        self.stop_if_preempted(sigterm, state, meta)
+    self.checkpointer.wait()
+    faults.reach("finished", self.names[-1])
+    self.state = state
+    self.report(meta["results"])
+    return meta["results"]
+
+  def report(self, results: dict, only_missing: bool = False) -> None:
+    """results.json, results.md and the figures (process 0), and the table on the console.
+
+    Figures: report.png; routing.png (free energies of each grown agent's head
+    and S; a population's first member); sweep.png for a sweep.
+    """
+    is_population = "population" in results
+    first = results["members"][0] if is_population else results
+    figures = {
+        "report.png": (
+            population_report.plot_population_report
+            if is_population
+            else plots.plot_report,
+            results,
+        )
+    }
+    if first.get("routing_diagnostics"):
+      title = (
+          f"routing of member {self.members.members[0].describe()}"
+          if is_population
+          else ""
+      )
+      figures["routing.png"] = (
+          functools.partial(
+              routing_diagnostics.plot_energy_histograms, title=title
+          ),
+          first["routing_diagnostics"],
+      )
+    if "sweep" in results:
+      figures["sweep.png"] = (population_report.plot_sweep, results)
+    if self.is_writer:
+      files = [
+          paths.join(self.workdir, name)
+          for name in ("results.json", "results.md", *figures)
+      ]
+      if not (only_missing and all(map(paths.exists, files))):
+        write = (
+            population_report.write_population_results
+            if is_population
+            else report.write_results
+        )
+        write(self.workdir, results)
+        for name, (plot, figure_data) in figures.items():
+          plot(figure_data, paths.join(self.workdir, name))
+    self.log(
+        population_report.population_markdown(results)
+        if is_population
+        else report.results_markdown(results)
+    )
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.metrics_log.close()
+
+
+def stage_summary(
+    spec: StageSpec, member_results: list[dict]
+) -> dict[str, float]:
+  """A few numbers for the stage-end line: its collective's accuracy, or its row's means.
+
+  For a population, the mean over members.
+  """
+
+  def one(results):
+    if spec.collective:
+      return {
+          "collective_acc": float(
+              results["collective_accuracy"][spec.collective]
+          )
+      }
+    r = results["rows"][spec.rows[0]]
+    return {
+        "expert": float(np.mean(r["expert"])),
+        "general": float(np.mean(r["general"])),
+        "society": float(
+            results["society_accuracy"].get(spec.rows[0], float("nan"))
+        ),
+    }
+
+  summaries = [one(results) for results in member_results]
+  return {
+      key: float(np.mean([s[key] for s in summaries])) for key in summaries[0]
+  }
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_change: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+  """Run (or resume, or re-report) the whole MASC protocol in ``workdir``.
+
+  Every check (config, data, devices, the workdir and its saved config) happens
+  before anything is written. Returns the results dict (see ``reporting``).
+  """
+  society = build_society(config)
+  workdir_lib.check_workdir(config, workdir, allow_config_change)
+  with workdir_lib.workdir_lock(workdir):
+    if jax.process_index() == 0:
+      workdir_lib.atomic_write_json(
+          paths.join(workdir, "config.json"), json.loads(config.to_json())
+      )
+    run = Run(society, workdir, log=log)
+    try:
+      return run.run()
+    finally:
+      run.close()
