@@ -43,8 +43,8 @@ def _plain(x, kernel):
   )
 
 
-def _value_and_grads(conv, x, kernel, cot):
-  value, vjp = jax.vjp(conv, x, kernel)
+def _value_and_grads(conv_fn, x, kernel, cot):
+  value, vjp = jax.vjp(conv_fn, x, kernel)
   return (value, *vjp(cot))
 
 
@@ -64,8 +64,8 @@ def _all_plans_vmapped(x, kernel, cot):
   """The same with per-agent inputs and kernels under ``jax.vmap`` (the agent axis)."""
   out = {"plain": _value_and_grads(jax.vmap(_plain), x, kernel, cot)}
   for plan in PLANS:
-    conv = jax.vmap(lambda a, b, plan=plan: conv.planned_conv3x3(a, b, plan))
-    out["/".join(plan)] = _value_and_grads(conv, x, kernel, cot)
+    mapped = jax.vmap(lambda a, b, plan=plan: conv.planned_conv3x3(a, b, plan))
+    out["/".join(plan)] = _value_and_grads(mapped, x, kernel, cot)
   return out
 
 
@@ -312,12 +312,12 @@ def test_tuned_under_jit_and_vmap_uses_the_plan_and_measures_forward_only_when_a
     fake_default_tuner,
 ) -> None:
   x, kernel, cot = _inputs((2, 3, 4, 4, 2), 5, seed=3)  # 2 agents
-  conv = jax.vmap(lambda a, b: conv.conv3x3(a, b, "tuned"))
-  jax.jit(conv).lower(x, kernel)  # forward only: fwd measured
+  mapped = jax.vmap(lambda a, b: conv.conv3x3(a, b, "tuned"))
+  jax.jit(mapped).lower(x, kernel)  # forward only: fwd measured
   assert set(fake_default_tuner.plans()) == {"fwd b4 4x4 2->5 float32"}
-  jaxpr = str(jax.make_jaxpr(conv)(x, kernel))
+  jaxpr = str(jax.make_jaxpr(mapped)(x, kernel))
   assert "conv_general_dilated" not in jaxpr  # im2col forward, as timed
-  got = jax.jit(lambda *a: _value_and_grads(conv, *a))(x, kernel, cot)
+  got = jax.jit(lambda *a: _value_and_grads(mapped, *a))(x, kernel, cot)
   want = _value_and_grads(jax.vmap(_plain), x, kernel, cot)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), **TOL)

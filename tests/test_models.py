@@ -515,7 +515,7 @@ def test_dropout_only_in_train_mode() -> None:
 
 def test_count_params_hand_count() -> None:
   variables, _ = _net_setup()
-  conv = lambda cin, cout: 9 * cin * cout + cout
+  conv_params = lambda cin, cout: 9 * cin * cout + cout
   bn = lambda c: 2 * c  # scale and bias
   dense = lambda fin, fout: fin * fout + fout
   h = w = 8
@@ -523,9 +523,9 @@ def test_count_params_hand_count() -> None:
     h, w = h // 2, w // 2
   features = h * w * WIDTHS[-1]
   expected = (
-      conv(CIN, WIDTHS[0])
+      conv_params(CIN, WIDTHS[0])
       + bn(WIDTHS[0])
-      + conv(WIDTHS[0], WIDTHS[1])
+      + conv_params(WIDTHS[0], WIDTHS[1])
       + bn(WIDTHS[1])
       + dense(features, HIDDEN[0])
       + dense(HIDDEN[0], C)

@@ -197,7 +197,7 @@ def test_make_optimizer_clipping_changes_the_step() -> None:
   # The same gradients with and without clipping give different steps (the clip is active).
   params = {"a": jnp.ones(3)}
   g = {"a": jnp.array([3.0, 4.0, 0.0])}  # norm 5
-  steps = []
+  updates = []
   for clip in (0.0, 1.0):
     tx = steps.make_optimizer(
         types.SimpleNamespace(
@@ -207,9 +207,9 @@ def test_make_optimizer_clipping_changes_the_step() -> None:
             grad_clip_norm=clip,
         )
     )
-    steps.append(np.asarray(tx.update(g, tx.init(params), params)[0]["a"]))
-  np.testing.assert_allclose(steps[0], [-3.0, -4.0, 0.0], rtol=1e-6)
-  np.testing.assert_allclose(steps[1], [-0.6, -0.8, 0.0], rtol=1e-6)
+    updates.append(np.asarray(tx.update(g, tx.init(params), params)[0]["a"]))
+  np.testing.assert_allclose(updates[0], [-3.0, -4.0, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(updates[1], [-0.6, -0.8, 0.0], rtol=1e-6)
 
 
 def test_init_model_state_and_variables() -> None:

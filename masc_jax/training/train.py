@@ -288,12 +288,11 @@ class Run:
     self.log = log if self.is_writer else (lambda _: None)
     self.specs = protocol.stages_for(self.config)
     self.names = tuple(spec.name for spec in self.specs)
-    steps = np.cumsum(
+    starts = np.cumsum(
         [0] + [protocol.total_steps(society, spec) for spec in self.specs]
     )
-    self.offsets = dict(
-        zip(self.names + (DONE,), map(int, steps))
-    )  # global step of each start
+    # The global step at which each stage starts.
+    self.offsets = dict(zip(self.names + (DONE,), map(int, starts)))
     self.checkpointer = checkpointing.Checkpointer(
         paths.join(workdir, "checkpoints"), self.config.keep_checkpoints
     )
