@@ -59,11 +59,11 @@ _HEADLINE_TITLES = {
 # follow), with routing_diagnostics' (column header, meaning) of each.
 _DIAGNOSTIC_COLUMNS = {
     **{
-        key: routing_diagnostics._COLUMNS[key]
+        key: routing_diagnostics.DIAGNOSTIC_COLUMNS[key]
         for key in routing_diagnostics.SHARE_KEYS
     },
     **{
-        f"energy_mean.{key}": routing_diagnostics._COLUMNS[key]
+        f"energy_mean.{key}": routing_diagnostics.DIAGNOSTIC_COLUMNS[key]
         for key in routing_diagnostics.ENERGY_KEYS
     },
 }
@@ -422,7 +422,7 @@ def _sweep_lines(sweep: Mapping) -> list[str]:
       f"over that setting's seeds ({CI_EXPLANATION}).",
       "",
   ]
-  for name in schema.ordered_rows(stats._union(g["rows"] for g in groups)):
+  for name in schema.ordered_rows(stats.union(g["rows"] for g in groups)):
     lines = []
     for g in groups:
       head = g["rows"].get(name, {})
@@ -457,7 +457,7 @@ def _members_lines(
     members: list[dict], specs: list[dict], swept: list[str]
 ) -> list[str]:
   headlines = [stats.member_headline(m) for m in members]
-  rows = schema.ordered_rows(stats._union(headlines))
+  rows = schema.ordered_rows(stats.union(headlines))
   header = ["member", "seed"] + [f"`{f}`" for f in swept]
   for name in rows:
     header += [
@@ -734,7 +734,7 @@ def plot_sweep(results: Mapping, path: str) -> None:
     raise ValueError("plot_sweep: the population results have no sweep")
   fields, groups = list(sweep["swept"]), sweep["groups"]
   x_field, others = fields[0], fields[1:]
-  row = stats.headline_row(stats._union(g["rows"] for g in groups))
+  row = stats.headline_row(stats.union(g["rows"] for g in groups))
   lines: dict[tuple, list[dict]] = {}
   for g in groups:
     lines.setdefault(

@@ -76,7 +76,7 @@ ENERGY_KEYS = (
     "collective_foreign",
 )
 
-_COLUMNS = {
+DIAGNOSTIC_COLUMNS = {
     "head_answers_foreign": (
         "head answers foreign %",
         "share of the other agents' class images that the agent answers with "
@@ -494,13 +494,13 @@ def diagnostics_markdown(diagnostics_by_row: dict) -> str:
   )
   out.append("")
   for key in SHARE_KEYS + ENERGY_KEYS:
-    header, meaning = _COLUMNS[key]
+    header, meaning = DIAGNOSTIC_COLUMNS[key]
     out.append(f"- {header}: {meaning}.")
   out.append("")
   if not rows:
     out.append("No rows recorded.")
     out.append("")
-  headers = [_COLUMNS[key][0] for key in SHARE_KEYS + ENERGY_KEYS]
+  headers = [DIAGNOSTIC_COLUMNS[key][0] for key in SHARE_KEYS + ENERGY_KEYS]
   for name in schema.ordered_rows(rows):
     row = rows[name]
     columns = [row[key] for key in SHARE_KEYS] + [

@@ -285,7 +285,7 @@ def _stack(leaves: Sequence[Any], what: str) -> np.ndarray:
   return np.stack(arrays)
 
 
-def _union(keysets: Iterable[Iterable[str]]) -> list[str]:
+def union(keysets: Iterable[Iterable[str]]) -> list[str]:
   """The keys of several dicts, in order of first appearance."""
   seen: dict[str, None] = {}
   for keys in keysets:
@@ -311,7 +311,7 @@ def _tree(trees: Sequence[Any], what: str) -> Any:
   """
   trees = [t for t in trees if t is not None]
   if trees and all(isinstance(t, Mapping) for t in trees):
-    keys = _union(trees)
+    keys = union(trees)
     return {
         key: _tree([t[key] for t in trees if key in t], f"{what}[{key!r}]")
         for key in keys
@@ -422,7 +422,7 @@ def aggregate(member_results: Sequence[Mapping]) -> dict[str, Any]:
       for m in members
   ]
 
-  row_names = schema.ordered_rows(_union(all_rows))
+  row_names = schema.ordered_rows(union(all_rows))
   out: dict[str, Any] = {"n": len(members), "num_agents": ks[0], "rows": {}}
   for name in row_names:
     have = [
@@ -446,18 +446,18 @@ def aggregate(member_results: Sequence[Mapping]) -> dict[str, Any]:
               f"group_accuracy[{name!r}]",
           )
       )
-      for name in schema.ordered_rows(_union(all_groups))
+      for name in schema.ordered_rows(union(all_groups))
   }
   out["society_accuracy"] = _scalars(
-      societies, schema.ordered_rows(_union(societies))
+      societies, schema.ordered_rows(union(societies))
   )
-  out["collective_accuracy"] = _scalars(collectives, _union(collectives))
+  out["collective_accuracy"] = _scalars(collectives, union(collectives))
   out["directionality"] = {
       name: {
           "holds": sum(bool(d[name]) for d in directions if name in d),
           "of": sum(name in d for d in directions),
       }
-      for name in schema.ordered_rows(_union(directions))
+      for name in schema.ordered_rows(union(directions))
   }
   diagnostics = [
       m["routing_diagnostics"] for m in members if m.get("routing_diagnostics")
@@ -492,7 +492,7 @@ def _summarize_headlines(
           key: summarize([h[name][key] for h in headlines if name in h])
           for key in HEADLINE_KEYS
       }
-      for name in schema.ordered_rows(_union(headlines))
+      for name in schema.ordered_rows(union(headlines))
   }
 
 
@@ -555,7 +555,7 @@ def sweep_summary(
       for g in grouped.values()
   ]
 
-  row = headline_row(_union(g["rows"] for g in groups))
+  row = headline_row(union(g["rows"] for g in groups))
   best = None
   for index, g in enumerate(groups):
     summary = g["rows"].get(row, {}).get("mean_average")
