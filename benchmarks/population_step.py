@@ -25,7 +25,7 @@ the library's mixed precision); ``--collective-batches shuffled,by_owner``
 sweeps ``config.collective_batches`` (by_owner: each teacher runs on its own
 share of the collective's batch). Every row and JSON record names both.
 
-P=1 is the plain run (no member axis). Results go to
+P=1 is a single run (one member, its own program under member_map=auto). Results go to
 ``benchmarks/results/population_step_<time>.json`` with the machine named.
 """
 
@@ -92,9 +92,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
   society = build_society(config, synthetic_dataset(config))
   run = train.Run(society, "/nonexistent-benchmark", log=lambda _: None)
   init = lambda: train.init_population_state(society, run.init_key)
-  state = run.fresh_state(
-      init, train.state_shardings(society, jax.eval_shape(init))
-  )
+  state = run.fresh_state(train.state_shardings(society, jax.eval_shape(init)))
   dev = jax.devices()[0]
   peak = common.peak_flops(dev.device_kind, dev.platform, dtype)
   out = []
@@ -126,7 +124,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         )
     )
     state = {**state, stage: compiled.stack(holder["state"])}
-    images = society.images_per_step(stage_spec)
+    images = protocol.images_per_step(society, stage_spec)
     info = society.dataset
     inp = {
         "hw": info.image_shape[:2],

@@ -11,11 +11,13 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import importlib.util
 import itertools
 import math
 import numbers
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -86,30 +88,54 @@ def config_name(spec: str) -> str:
   return base + (f"_{arg}" if arg else "")
 
 
+def _get_config_of(path: str) -> Callable[..., Any]:
+  """The ``get_config`` of the config file at ``path``, executed as a fresh module."""
+  base = os.path.splitext(os.path.basename(path))[0]
+  name = "_masc_config_" + "".join(c if c.isalnum() else "_" for c in base)
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  if module_spec is None or module_spec.loader is None:
+    raise ImportError(f"{path} is not a Python file")
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[name] = module
+  module_spec.loader.exec_module(module)
+  return module.get_config
+
+
 def load_config(
     spec: str, overrides: Sequence[str] = ()
 ) -> ml_collections.ConfigDict:
   """Load a config by name/path and apply ``FIELD=VALUE`` overrides (for code and tests).
 
   Overrides follow ``--config.FIELD=VALUE`` semantics: the field must exist and
-  the value is parsed to the field's type.
+  the value is parsed to the field's type (ml_collections' config flag).
+  The file is loaded and its ``get_config(ARG)`` called here, so whatever
+  they raise is reported as the config's own error, and an error while
+  parsing the overrides as a bad override.
   """
   from ml_collections import config_flags
   from absl import flags
 
-  argv = ["masc", f"--config={resolve_config_spec(spec)}"] + [
-      f"--config.{o}" for o in overrides
-  ]
+  path, sep, arg = resolve_config_spec(spec).partition(":")
+  try:
+    config = _get_config_of(path)(*([arg] if sep else []))
+  except Exception as e:  # noqa: BLE001 - whatever the user's file or get_config raises
+    raise ConfigError(f"config {spec!r} did not load: {_one_line(e)}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+        f"config {spec!r} did not load: get_config() returned "
+        f"{type(config).__name__}, not a ConfigDict"
+    )
+  argv = ["masc"] + [f"--config.{o}" for o in overrides]
   flag_values = flags.FlagValues()
   try:
-    # Loads the file and calls get_config(ARG): the override flags are defined
-    # from the argv they will parse.
-    config_flags.DEFINE_config_file(
-        "config", None, flag_values=flag_values, lock_config=True, sys_argv=argv
+    # The override flags are defined from the argv they will parse.
+    config_flags.DEFINE_config_dict(
+        "config",
+        config,
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=argv,
     )
-  except Exception as e:  # noqa: BLE001 - whatever the user's get_config raises
-    raise ConfigError(f"config {spec!r} did not load: {_one_line(e)}") from None
-  try:
     flag_values(argv)
     config = flag_values.config
   except KeyError as e:
@@ -125,17 +151,7 @@ def load_config(
       ) from None
     raise ConfigError(f"bad config override: {_one_line(e)}") from None
   except (flags.Error, TypeError, ValueError) as e:
-    if "Error whilst parsing config file" in str(e.__context__ or e):
-      # get_config(ARG) raised while the flag was parsed: report its own error.
-      innermost = e
-      while innermost.__context__ is not None:
-        innermost = innermost.__context__
-      raise ConfigError(
-          f"config {spec!r} did not load: {_one_line(innermost)}"
-      ) from None
     raise ConfigError(f"bad config override: {_one_line(e)}") from None
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"config {spec!r} did not load: {config}")
   return config
 
 
@@ -311,10 +327,6 @@ def _field_errors(config: ml_collections.ConfigDict) -> list[str]:
   positive_int("log_every_steps", config.log_every_steps)
   positive_int("checkpoint_every_steps", config.checkpoint_every_steps)
   positive_int("keep_checkpoints", config.keep_checkpoints)
-  need(
-      _is_int(config.debug_nan_step) and config.debug_nan_step >= -1,
-      f"debug_nan_step must be -1 (off) or a step >= 0, got {config.debug_nan_step!r}",
-  )
   need(
       isinstance(config.data_dir, str),
       f"data_dir must be a path, got {config.data_dir!r}",

@@ -150,13 +150,21 @@ def main(job: Job) -> None:
   multihost.initialize(job.processes)
   compile_cache.enable(_COMPILATION_CACHE.value)
   # Imported here so that a bad flag fails fast, before TFDS and the training code load.
-  from masc_jax.training import checkpointing, step_log, train, workdir
+  from masc_jax.training import checkpointing, faults, step_log, train, workdir
   from masc_jax.data import arrays
   from masc_jax.parallel import sharding
 
   try:
+    # The tests' fault injection (MASC_FAULT), attached to the run's hooks; None when unset.
+    hooks = faults.from_environment()
+  except ValueError as e:
+    _fail(str(e))
+  try:
     train.train_and_evaluate(
-        job.config, job.workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+        job.config,
+        job.workdir,
+        allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+        hooks=hooks,
     )
   except (
       config_lib.ConfigError,

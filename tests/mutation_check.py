@@ -171,6 +171,17 @@ MUTANTS = (
         (F + "test_checkpoint_of_another_shape_is_not_trusted",),
     ),
     Mutant(
+        "old-checkpoint-refused",
+        "a single run checkpointed without the member axis resumes",
+        "masc_jax/training/checkpointing.py",
+        "    add_axis = lacks_leading_axis(saved, wanted)\n",
+        "    add_axis = False\n",
+        (
+            "tests/test_train.py::"
+            "test_a_checkpoint_without_the_member_axis_resumes_to_the_same_results",
+        ),
+    ),
+    Mutant(
         "start-over-on-bad",
         "no usable checkpoint: exit, never start over",
         "masc_jax/training/checkpointing.py",
@@ -456,6 +467,7 @@ MUTANTS = (
         'whose = ""',
         (
             "tests/test_population.py::test_a_diverging_member_is_named_with_its_seed_and_settings",
+            G + "test_a_non_finite_term_names_only_the_members_it_is_in",
         ),
     ),
     Mutant(

@@ -56,11 +56,16 @@ def stage_steps(num_devices, num_steps=3, extra=()):
       totals.append(np.asarray(metrics["total"]).tolist())
     state = {**state, stage: model_state}
     losses[stage] = totals
-    leaf = jax.tree.leaves(model_state.params)[0]
+    leaf = jax.tree.leaves(model_state.params)[
+        0
+    ]  # [P, ...]: [P, K, ...] when stacked
+    shard = leaf.sharding.shard_shape(leaf.shape)
     sharded[stage] = {
         "devices": len(leaf.sharding.device_set),
-        "shard_rows": leaf.sharding.shard_shape(leaf.shape)[0],
-        "rows": leaf.shape[0],
+        "members": leaf.shape[0],
+        "member_shard": shard[0],
+        "rows": leaf.shape[1],
+        "shard_rows": shard[1],
     }
   params = {
       stage: [

@@ -208,6 +208,21 @@ def test_bad_command_lines_give_one_line_and_exit_2_writing_nothing(
   assert not os.path.exists(os.path.join(os.getcwd(), "ftp:"))
 
 
+@pytest.mark.parametrize(
+    "fault", ["NAN:compiled:collective", "KILL:nowhere:*", "TERM:step:*:0"]
+)
+def test_a_malformed_fault_injection_is_one_line_and_exit_2(
+    tmp_path, capsys, monkeypatch, fault
+):
+  monkeypatch.setenv("MASC_FAULT", fault)
+  assert run(["--config=tiny", f"--workdir={tmp_path}/run"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: MASC_FAULT={fault!r}: expected") and (
+      len(err.strip().splitlines()) == 1
+  )
+  assert os.listdir(tmp_path) == []
+
+
 @contextlib.contextmanager
 def tmpfs(path, options):
   """A small tmpfs at ``path`` (root only: skipped where mounting is not allowed)."""

@@ -50,7 +50,8 @@ def test_cifar100_protocol_runs_every_stage_on_mock_data(tmp_path):
   lines = []
   with mock_cifar(num_examples=480):
     results = train.train_and_evaluate(config, str(tmp_path), log=lines.append)
-  assert [len(g) for g in results["class_groups"]] == [25] * 4
-  assert set(results["rows"]) == {"before_growth", "after_growth", "cc_only"}
+  (member,) = results["members"]
+  assert [len(g) for g in member["class_groups"]] == [25] * 4
+  assert set(member["rows"]) == {"before_growth", "after_growth", "cc_only"}
   assert any(l.startswith("[altruism] done:") for l in lines)
   assert os.path.getsize(tmp_path / "report.png") > 0

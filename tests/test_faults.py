@@ -70,8 +70,8 @@ def results_of(workdir):
 
 
 def assert_same_results(workdir, reference):
-  got = results_of(workdir)
-  reference = json.loads(json.dumps(reference))
+  (got,) = results_of(workdir)["members"]
+  (reference,) = json.loads(json.dumps(reference))["members"]
   for key in COMPARED:
     assert got[key] == reference[key], key
 
@@ -237,16 +237,18 @@ def test_a_second_run_on_the_same_workdir_is_refused(
 
 def test_a_nan_stops_the_run_naming_stage_step_and_term(tmp_path):
   workdir = str(tmp_path / "nan")
-  # Global step 40 = step 24 of the collective stage (the experts stage has 16 steps).
+  # The collective's 24th step leaves NaN parameters (fault injection through the run's
+  # hooks), so its step 24 (global step 40: the experts stage has 16 steps) has NaN losses.
   result = run_main(
-      ["--config=tiny", f"--workdir={workdir}", "--config.debug_nan_step=40"]
+      ["--config=tiny", f"--workdir={workdir}"],
+      env_extra={"MASC_FAULT": "NAN:step:collective:24"},
   )
   assert result.returncode == 2
   # One line naming the term: with NaN parameters every term is NaN, so any of the
   # collective's logged terms may be the one named, but one of them must be.
   named = re.fullmatch(
-      r"error: non-finite loss term '(\w+)' in stage collective at step 24 "
-      r"\(global step 40\); stopping\..*",
+      r"error: non-finite loss term '(\w+)' of member seed 0 in stage collective "
+      r"at step 24 \(global step 40\); stopping\..*",
       result.stderr.strip(),
   )
   assert named and named[1] in ("ce", "kd", "align", "total"), result.stderr
@@ -259,6 +261,23 @@ def test_a_nan_stops_the_run_naming_stage_step_and_term(tmp_path):
   state, _ = run.restore_or_init()
   run.close()
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
+def test_a_saved_config_with_the_removed_nan_step_field_still_resumes(
+    tmp_path,
+):
+  """``debug_nan_step`` (fault injection, result-neutral) left the config: a workdir
+  whose saved config.json holds it is the same run; a result field still counts.
+  """
+  saved = json.loads(config_lib.load_config("tiny").to_json())
+  for value in (-1, 40):
+    saved["debug_nan_step"] = value
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    workdir_lib.check_workdir(config_lib.load_config("tiny"), str(tmp_path))
+  saved["seed"] = 1
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(workdir_lib.WorkdirError, match="seed: saved 1, now 0"):
+    workdir_lib.check_workdir(config_lib.load_config("tiny"), str(tmp_path))
 
 
 def test_same_seed_same_everything_other_seed_differs():

@@ -1,6 +1,7 @@
 """Each promise of README "Resuming and failures", tested where it could break.
 
-Kills and preemptions land at *named* points (``masc_jax.training.faults``, through the
+Kills and preemptions land at *named* points of the run's hooks
+(``masc_jax.training.hooks``; ``masc_jax.training.faults`` through the
 ``MASC_FAULT`` environment variable), so every test knows where its signal
 arrived: during a checkpoint save, after a given step, during a compile, an
 evaluation, between stages. Runs skip the ablation stages (``ablations=False``):
@@ -23,7 +24,7 @@ import pytest
 
 from masc_jax.data import batches
 from masc_jax import config_lib
-from masc_jax.training import evaluation, protocol, train
+from masc_jax.training import evaluation, hooks, population, protocol, train
 from masc_jax.training.society import build_society
 from masc_jax.method import losses, steps
 from masc_jax.reporting import progress
@@ -70,8 +71,8 @@ def resumed_from(stdout):
 
 def assert_main_rows_equal(workdir, reference):
   with open(os.path.join(workdir, "results.json")) as f:
-    got = json.load(f)
-  reference = json.loads(json.dumps(reference))
+    (got,) = json.load(f)["members"]
+  (reference,) = json.loads(json.dumps(reference))["members"]
   for key in ("rows", "group_accuracy", "society_accuracy", "directionality"):
     for row in MAIN_ROWS:
       assert got[key][row] == reference[key][row], (key, row)
@@ -152,6 +153,58 @@ def test_checkpoints_every_interval_bound_the_progress_a_kill_loses(tmp_path):
   run.close()
   total = protocol.total_steps(society, spec)
   assert saved == [(s, "experts", s) for s in range(4, total, 4)]
+
+
+class Recorder(hooks.RunHooks):
+  """Every point the run reaches, and each stage's step passed through ``wrap_step``."""
+
+  def __init__(self):
+    self.points, self.wrapped = [], []
+
+  def reached(self, point, stage):
+    self.points.append((point, stage))
+
+  def wrap_step(self, stage, step):
+    self.wrapped.append(stage)
+    return CountingStep(step, self)
+
+
+class CountingStep:
+  """A stage step that records its calls; its outputs are the step's own."""
+
+  def __init__(self, step, recorder):
+    self.step, self.recorder = step, recorder
+
+  def step_members(self, *args):
+    self.recorder.points.append(("step_members", None))
+    return self.step.step_members(*args)
+
+  def __getattr__(self, name):
+    return getattr(self.step, name)
+
+
+def test_the_loop_calls_its_hooks_at_the_named_points(tmp_path):
+  """The seam the fault injection uses: every named point, in order, and the
+  wrapped step is the one the loop runs."""
+  config = config_lib.load_config("tiny", ["ablations=False"])
+  society = build_society(config)
+  recorder = Recorder()
+  run = train.Run(society, str(tmp_path), log=lambda _: None, hooks=recorder)
+  state, meta = run.restore_or_init()
+  spec = protocol.BY_NAME["experts"]
+  state = run.train_stage(
+      spec, state, meta, types.SimpleNamespace(raised=False, poll=lambda: False)
+  )
+  run.evaluate_stage(state, spec)
+  run.close()
+  total = protocol.total_steps(society, spec)
+  assert recorder.wrapped == ["experts"]
+  assert recorder.points == (
+      [("compiled", "experts")]
+      + [("step_members", None), ("step", "experts")] * total
+      + [("evaluated", "experts")]
+  )
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
 
 # ----------------------------------------------------------------------------- SIGTERM
@@ -245,7 +298,7 @@ def test_a_kill_after_the_last_checkpoint_still_gets_its_results_written(
 # ----------------------------------------------------------------------------- non-finite values
 
 
-def _step_log(every=1):
+def _step_log(every=1, members=(config_lib.Member(0),)):
   lines = []
   logger = progress.MetricsLogger(os.devnull, enabled=False)
   log = StepLog(
@@ -256,6 +309,7 @@ def _step_log(every=1):
       global_offset=100,
       log=lines.append,
       metrics_log=logger,
+      members=population.MemberAxis(members, "loop"),
   )
   return log, lines
 
@@ -263,19 +317,30 @@ def _step_log(every=1):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_a_non_finite_term_stops_the_run_naming_stage_step_and_term(bad):
   log, _ = _step_log()
-  log.add(3, {"ce": jnp.float32(0.5), "kd": jnp.float32(0.1)})
-  log.add(4, {"ce": jnp.float32(0.4), "kd": jnp.float32(bad)})
+  log.add(3, {"ce": jnp.float32([0.5]), "kd": jnp.float32([0.1])})
+  log.add(4, {"ce": jnp.float32([0.4]), "kd": jnp.float32([bad])})
   with pytest.raises(
       NonFiniteLossError,
-      match=r"non-finite loss term 'kd' in stage collective at step 4 \(global step 104\)",
+      match=r"non-finite loss term 'kd' of member seed 0 in stage collective at step 4 "
+      r"\(global step 104\)",
   ):
     log.flush(5)
+
+
+def test_a_non_finite_term_names_only_the_members_it_is_in():
+  members = (config_lib.Member(3), config_lib.Member(5), config_lib.Member(7))
+  log, _ = _step_log(members=members)
+  log.add(0, [{"ce": jnp.float32(v)} for v in (0.5, np.nan, 0.25)])
+  with pytest.raises(
+      NonFiniteLossError, match=r"'ce' of member seed 5 in stage collective"
+  ):
+    log.flush(1)
 
 
 def test_finite_terms_are_logged_at_the_due_steps():
   log, lines = _step_log(every=4)
   assert [d for d in range(1, 11) if log.is_due(d)] == [4, 8, 10]
-  log.add(0, {"ce": jnp.float32(0.25)})
+  log.add(0, {"ce": jnp.float32([0.25])})
   log.flush(1)
   assert len(lines) == 1 and "ce 0.2500" in lines[0]
 
@@ -324,18 +389,19 @@ def test_the_run_draws_its_initialisation_and_data_order_from_config_seed(
         society, jax.random.split(jax.random.key(seed))[0]
     )
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
-      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+      # The run's one member.
+      np.testing.assert_array_equal(np.asarray(got)[0], np.asarray(want))
     per_agent = batches.agent_indices(
         society.dataset.train_labels, society.class_groups
     )
     np.testing.assert_array_equal(
-        society.agent_batches.indices(7),
+        society.agent_batches.indices(7)[0],
         batches.AgentBatches(
             per_agent, society.config.batch_size, seed
         ).indices(7),
     )
     np.testing.assert_array_equal(
-        society.pooled_batches.indices(7),
+        society.pooled_batches.indices(7)[0],
         batches.OwnerBatches(
             per_agent, society.config.batch_size, seed
         ).indices(7),
@@ -365,12 +431,12 @@ def test_ra_teacher_collective_distils_from_the_collective(tmp_path):
       jax.tree.leaves(state["collective"].variables()),
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  key = jax.random.key(0)
+  keys = jax.random.key(0)[None]  # [P = 1]
   compiled, frozen, get_batch = train.compile_stage(
-      society, spec, state, 0, key
+      society, spec, state, 0, keys
   )
-  # The same step built by hand with S as the (unstacked) teacher network (run first: the
-  # compiled step donates the heads' buffers).
+  # The same step of the run's one member, built by hand with S as the (unstacked)
+  # teacher network.
   by_hand = jax.jit(
       functools.partial(
           steps.altruism_step,
@@ -384,19 +450,24 @@ def test_ra_teacher_collective_distils_from_the_collective(tmp_path):
           strategy=society.strategy,
       )
   )
-  collective = state["collective"].variables()
+  member = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  collective = member(state["collective"].variables())
   want_state, want = by_hand(
-      state["altruism"],
-      get_batch(0),
-      jax.random.fold_in(key, 0),
+      member(state["altruism"]),
+      member(get_batch(0)),
+      jax.random.fold_in(keys[0], 0),
       {
           "backbone": {n: t["backbone"] for n, t in collective.items()},
           "teacher": collective,
       },
   )
   got_state, got = compiled(
-      state["altruism"], get_batch(0), jax.random.fold_in(key, 0), frozen
+      state["altruism"],
+      get_batch(0),
+      society.members.fold_in(keys, 0),
+      frozen,
   )
+  got_state, got = member(got_state), member(got)
   np.testing.assert_allclose(
       np.asarray(got["kd"]), np.asarray(want["kd"]), rtol=1e-5
   )

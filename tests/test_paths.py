@@ -120,7 +120,9 @@ def test_a_gs_workdir_gets_every_file_and_the_local_disk_none(
       "report.png",
   } <= written
   saved = json.loads(bucket.cat("/bucket/runs/tiny/results.json"))
-  assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+  assert saved["members"][0]["rows"] == json.loads(
+      json.dumps(results["members"][0]["rows"])
+  )
   records = [
       json.loads(l)
       for l in bucket.cat("/bucket/runs/tiny/metrics.jsonl").splitlines()

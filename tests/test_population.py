@@ -58,11 +58,13 @@ def test_members_are_the_grid_crossed_with_the_seeds():
       single.sweep,
       single.loss.align_weight,
   ) == (3, "", "", 0.3)
-  # One seed and no sweep is the plain run: no member axis.
+  # One seed and no sweep is a population of one, which by default runs its member's
+  # own program (the single run's) on every backend.
   plain = population.MemberAxis(
       config_lib.members_of(single_config(members[2]))
   )
-  assert not plain.is_population and plain.members[0].seed == 3
+  assert plain.size == 1 and plain.members[0].seed == 3
+  assert plain.strategy == "loop" and plain.mesh_members == 1
 
 
 def test_each_member_draws_the_data_order_of_its_seed():
@@ -162,10 +164,12 @@ def test_members_match_their_single_runs_step_by_step(
               jax.tree.map(lambda x: x[p], final[stage].params)
           )
       ]
+      # The single run is a population of one: its member 0.
       want = [
-          np.asarray(leaf)
+          np.asarray(leaf)[0]
           for leaf in jax.tree.leaves(single_final[stage].params)
       ]
+      values = [np.asarray(v)[0] for v in values]
       if strategy in config_lib.IN_TURN or (
           strategy == "unroll" and stage == "experts"
       ):
@@ -247,6 +251,15 @@ def test_member_map_auto_and_threads_where_threads_cannot_run(monkeypatch):
   assert (
       population.resolve_member_map("auto", "cpu", threads_ok=True) == "threads"
   )
+  # One member (a single seed): its own program, on every backend.
+  for backend in ("cpu", "gpu", "tpu"):
+    assert (
+        population.resolve_member_map(
+            "auto", backend, threads_ok=True, num_members=1
+        )
+        == "loop"
+    )
+  assert population.resolve_member_map("vmap", "cpu", num_members=1) == "vmap"
   assert (
       population.resolve_member_map("auto", "cpu", threads_ok=False) == "loop"
   )
@@ -276,7 +289,10 @@ def test_a_members_evaluation_is_its_single_runs(
       log=lambda _: None,
   )
   try:
-    member_state = jax.tree.map(lambda x: x[member_index], state)
+    # The single run's state: member p's models, as a population of one.
+    member_state = jax.tree.map(
+        lambda x: x[member_index : member_index + 1], state
+    )
     want = single.evaluate(member_state, train.DONE)[0]
   finally:
     single.close()

@@ -1,5 +1,5 @@
-"""Tests for masc_jax.reporting.population_report: results.md on a hand-worked population,
-results.json round trips, report.png and sweep.png."""
+"""The report of several members (masc_jax.reporting.report, plots): results.md on a
+hand-worked population, results.json round trips, report.png and sweep.png."""
 
 import copy
 import json
@@ -10,12 +10,8 @@ import pytest
 from scipy import stats
 
 from masc_jax.reporting import stats as ps
-from masc_jax.reporting.population_report import (
-    plot_population_report,
-    plot_sweep,
-    population_markdown,
-    write_population_results,
-)
+from masc_jax.reporting.plots import plot_report, plot_sweep
+from masc_jax.reporting.report import results_markdown, write_results
 from test_population_stats import make_member  # tests/ is on sys.path (pytest prepend mode)
 from conftest import markdown_sections
 
@@ -96,10 +92,8 @@ def line_starting(lines, start):
 
 
 def test_markdown_hand_worked_numbers():
-  md = population_markdown(hand_population())
-  assert md.startswith(
-      "# MASC population results\n\nP = 3 members, seeds 0-2.\n"
-  )
+  md = results_markdown(hand_population())
+  assert md.startswith("# MASC results\n\nP = 3 members, seeds 0-2.\n")
   assert "95% Student-t confidence interval over seeds" in md.split("## ")[0]
   parts = sections(md)
   # t_{0.975, 2} = 4.3027, sqrt(3) = 1.7321:
@@ -157,7 +151,7 @@ def test_markdown_hand_worked_numbers():
 
 
 def test_markdown_members_table():
-  lines = sections(population_markdown(hand_population()))["Members"]
+  lines = sections(results_markdown(hand_population()))["Members"]
   header = cells(line_starting(lines, "| member |"))
   assert header == [
       "member",
@@ -189,9 +183,9 @@ def test_markdown_members_table():
 def test_markdown_computes_missing_statistics_and_rejects_no_members():
   results = hand_population()
   without = {k: v for k, v in results.items() if k != "aggregate"}
-  assert population_markdown(without) == population_markdown(results)
+  assert results_markdown(without) == results_markdown(results)
   with pytest.raises(ValueError):
-    population_markdown({**results, "members": []})
+    results_markdown({**results, "members": []})
 
 
 def expected_cell(values, percent=True):
@@ -212,7 +206,7 @@ def test_markdown_routing_diagnostics_table():
       },
       "members": members,
   }
-  parts = sections(population_markdown(results))
+  parts = sections(results_markdown(results))
   lines = parts["Routing diagnostics"]
   start = lines.index("### after growth (CC+RA)")
   table = lines[start : lines.index("### CC only")]
@@ -222,14 +216,23 @@ def test_markdown_routing_diagnostics_table():
     return [(d["energy_mean"] if energy else d)[field][a] for d in diag]
 
   share = cells(line_starting(table, "| head answers foreign % |"))
-  assert share[1:] == [
+  assert share[1:4] == [
       expected_cell(values("head_answers_foreign", a)) for a in range(3)
   ]
+  # The last column: the mean over agents of the agents' means over members.
+  mean_share = np.mean(
+      [np.mean(values("head_answers_foreign", a)) for a in range(3)]
+  )
+  assert share[4] == f"{100 * mean_share:.1f}"
   energy = cells(line_starting(table, "| E S own |"))
-  assert energy[1:] == [
+  assert energy[1:4] == [
       expected_cell(values("collective_own", a, energy=True), percent=False)
       for a in range(3)
   ]
+  mean_energy = np.mean(
+      [np.mean(values("collective_own", a, energy=True)) for a in range(3)]
+  )
+  assert energy[4] == f"{mean_energy:.2f}"
   assert "### before growth" not in lines
 
 
@@ -265,7 +268,7 @@ def sweep_population():
 
 def test_markdown_sweep_table_and_best_line():
   after, results = sweep_population()
-  md = population_markdown(results)
+  md = results_markdown(results)
   assert "P = 6 members: seeds 0-2, 2 settings of `loss.align_weight`." in md
   lines = sections(md)["Sweep"]
   table = lines[lines.index("### after growth (CC+RA)") :]
@@ -295,7 +298,7 @@ def test_markdown_sweep_table_and_best_line():
 # ----------------------------------------------------------------------------- files
 
 
-def test_write_population_results_round_trips(tmp_path):
+def test_write_results_round_trips(tmp_path):
   results = hand_population()
   results["members"][1]["rows"]["after_growth"]["general"][0] = np.float32(
       "nan"
@@ -303,7 +306,7 @@ def test_write_population_results_round_trips(tmp_path):
   results["members"][0]["society_accuracy"]["after_growth"] = np.float64(0.70)
   results["population"]["members"][0]["seed"] = np.int64(0)
   results["aggregate"] = ps.aggregate(results["members"])
-  write_population_results(str(tmp_path), results)
+  write_results(str(tmp_path), results)
 
   text = (tmp_path / "results.json").read_text()
 
@@ -332,27 +335,25 @@ def test_write_population_results_round_trips(tmp_path):
   )
   # The report from the file (keys sorted, NaN as null) is the report written.
   md = (tmp_path / "results.md").read_text()
-  assert md == population_markdown(results) == population_markdown(loaded)
+  assert md == results_markdown(results) == results_markdown(loaded)
 
 
 def test_report_from_results_json_keeps_the_row_order(tmp_path):
   # results.json sorts keys (after_growth < before_growth): the report must not follow.
   _, results = sweep_population()
-  write_population_results(str(tmp_path), results)
+  write_results(str(tmp_path), results)
   with open(tmp_path / "results.json") as f:
     loaded = json.load(f)
-  md = population_markdown(loaded)
+  md = results_markdown(loaded)
   assert (
-      md
-      == population_markdown(results)
-      == (tmp_path / "results.md").read_text()
+      md == results_markdown(results) == (tmp_path / "results.md").read_text()
   )
   assert md.index("## before growth\n") < md.index("## after growth (CC+RA)\n")
 
 
-def test_write_population_results_writes_nothing_on_bad_input(tmp_path):
+def test_write_results_writes_nothing_on_bad_input(tmp_path):
   with pytest.raises(ValueError):
-    write_population_results(str(tmp_path), {"members": []})
+    write_results(str(tmp_path), {"members": []})
   assert os.listdir(tmp_path) == []
 
 
@@ -366,7 +367,7 @@ def assert_png(path):
   assert len(data) > 20_000  # a drawn figure, not an empty canvas
 
 
-def test_plot_population_report(tmp_path):
+def test_plot_report(tmp_path):
   members = [make_member(50 + i) for i in range(3)]
   results = {
       "population": {
@@ -377,20 +378,20 @@ def test_plot_population_report(tmp_path):
       "aggregate": ps.aggregate(members),
   }
   path = str(tmp_path / "out" / "report.png")
-  plot_population_report(results, path)
+  plot_report(results, path)
   assert_png(path)
 
 
-def test_plot_population_report_one_member_and_missing_rows(tmp_path):
+def test_plot_report_one_member_and_missing_rows(tmp_path):
   # n = 1: no error bars anywhere.
   single = hand_population()
   single["members"] = single["members"][:1]
   single["population"]["members"] = single["population"]["members"][:1]
   del single["aggregate"]
-  plot_population_report(single, str(tmp_path / "one.png"))
+  plot_report(single, str(tmp_path / "one.png"))
   assert_png(str(tmp_path / "one.png"))
   # No before_growth in any member, cc_only in one of three.
-  plot_population_report(hand_population(), str(tmp_path / "partial.png"))
+  plot_report(hand_population(), str(tmp_path / "partial.png"))
   assert_png(str(tmp_path / "partial.png"))
 
 

@@ -1,4 +1,6 @@
-"""Tests for masc_jax.reporting.report, masc_jax.reporting.plots and masc_jax.reporting.progress (numpy + matplotlib only; fast)."""
+"""Tests for masc_jax.reporting.report, masc_jax.reporting.plots and masc_jax.reporting.progress
+(numpy + matplotlib only; fast): the report of a single seed, a population of one member.
+tests/test_population_report.py has the report of several members."""
 
 import copy
 import json
@@ -82,7 +84,7 @@ def make_results(
         all(int(np.argmax(np.array(mat)[:, g])) == g for g in range(K))
     )
 
-  results = {
+  member = {
       "num_agents": K,
       "class_groups": class_groups,
       "rows": out_rows,
@@ -90,8 +92,13 @@ def make_results(
       "society_accuracy": society,
       "directionality": direction,
   }
+  # One seed: the run's results hold its one member's tables.
+  results = {
+      "population": {"members": [{"seed": seed, "settings": {}}], "swept": []},
+      "members": [member],
+  }
   if extras:
-    results["collective_accuracy"] = {
+    member["collective_accuracy"] = {
         "cc": float(rng.random()),
         "ce": float(rng.random()),
     }
@@ -118,6 +125,11 @@ def _sections(md):
   return {k: "\n".join(v) for k, v in markdown_sections(md).items()}
 
 
+def _member(res):
+  (member,) = res["members"]
+  return member
+
+
 # ----------------------------------------------------------------------------- markdown
 
 
@@ -125,7 +137,7 @@ def test_markdown_agent_lines_and_means():
   res = make_results()
   md = results_markdown(res)
   sections = _sections(md)
-  for name, row in res["rows"].items():
+  for name, row in _member(res)["rows"].items():
     body = sections[schema.ROW_TITLES[name]]
     agent_lines = [l for l in body.splitlines() if re.match(r"\| Agent \d", l)]
     assert len(agent_lines) == K
@@ -140,7 +152,17 @@ def test_markdown_agent_lines_and_means():
         in body.splitlines()
     )
   # before growth: an isolated agent never answers other agents' classes
-  assert all(v == 0.0 for v in res["rows"]["before_growth"]["general"])
+  assert all(v == 0.0 for v in _member(res)["rows"]["before_growth"]["general"])
+
+
+def test_markdown_of_one_seed_says_so_and_has_no_intervals():
+  md = results_markdown(make_results(seed=3))
+  assert md.startswith("# MASC results\n\nP = 1 member, seed 3.\n\nOne seed:")
+  assert "±" not in md and "(1)" not in md
+  assert "confidence interval" not in md
+  # Its members table: the one member's headline numbers.
+  members = _sections(md)["Members"].splitlines()
+  assert any(l.startswith("| 0 | 3 | ") for l in members)
 
 
 def test_markdown_row_order_and_summary():
@@ -152,7 +174,8 @@ def test_markdown_row_order_and_summary():
   ]
   assert positions == sorted(positions)
   summary = _sections(md)["Summary"].splitlines()
-  for name, row in res["rows"].items():
+  member = _member(res)
+  for name, row in member["rows"].items():
     line = next(
         l for l in summary if l.startswith(f"| {schema.ROW_TITLES[name]} |")
     )
@@ -161,19 +184,21 @@ def test_markdown_row_order_and_summary():
         f"{100 * float(np.mean(row[c])):.2f}"
         for c in ("expert", "general", "average")
     ]
-    soc = res["society_accuracy"].get(name)
+    soc = member["society_accuracy"].get(name)
     assert cells[4] == ("-" if soc is None else f"{100 * soc:.2f}")
-    assert cells[5] == ("yes" if res["directionality"][name] else "no")
+    assert cells[5] == ("yes" if member["directionality"][name] else "no")
   # collective accuracy and timings
-  for v in res["collective_accuracy"].values():
-    assert f"{100 * v:.2f}%" in md
+  collective = _sections(md)["Collective network"]
+  for key, title in schema.COLLECTIVE_TITLES.items():
+    v = member["collective_accuracy"][key]
+    assert f"- {title}, all classes (%): {100 * v:.2f}" in collective
   assert "| experts | 900 | 6.1s | 41.2s | 2796.1 |" in md
   assert "| collective | 4000 | 8.0s | 4m10s | 812.3 |" in md
 
 
 def test_markdown_directionality_absent_and_both_values():
   res = make_results(extras=False)
-  res["directionality"] = {"after_growth": True, "ra_only": False}
+  _member(res)["directionality"] = {"after_growth": True, "ra_only": False}
   md = results_markdown(res)
   summary = _sections(md)["Summary"].splitlines()
 
@@ -329,9 +354,11 @@ def test_markdown_timings_legacy_order_without_stages():
 # ----------------------------------------------------------------------------- files
 
 
-def _numpyify(res):
+def _numpyify(run):
   """Same numbers, as numpy arrays / scalars (what a training loop might hand in)."""
-  out = copy.deepcopy(res)
+  whole = copy.deepcopy(run)
+  res = _member(run)
+  out = _member(whole)
   out["num_agents"] = np.int64(res["num_agents"])
   out["class_groups"] = np.asarray(res["class_groups"], dtype=np.int32)
   for name, row in res["rows"].items():
@@ -347,8 +374,8 @@ def _numpyify(res):
   out["directionality"] = {
       k: np.bool_(v) for k, v in res["directionality"].items()
   }
-  out["timings"]["experts"]["steps"] = np.int64(900)
-  return out
+  whole["timings"]["experts"]["steps"] = np.int64(900)
+  return whole
 
 
 def test_write_results_roundtrip(tmp_path):
@@ -373,10 +400,10 @@ def test_write_results_roundtrip(tmp_path):
 def test_write_results_overwrites_and_nonfinite(tmp_path):
   res = make_results(extras=False)
   write_results(str(tmp_path), res)
-  res["society_accuracy"]["after_growth"] = float("nan")
+  _member(res)["society_accuracy"]["after_growth"] = float("nan")
   write_results(str(tmp_path), res)
   loaded = json.loads((tmp_path / "results.json").read_text())
-  assert loaded["society_accuracy"]["after_growth"] is None
+  assert loaded["members"][0]["society_accuracy"]["after_growth"] is None
   assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
 
 
@@ -415,17 +442,19 @@ def test_plot_report_partial_rows(tmp_path):
   path = tmp_path / "r1.png"
   plot_report(res, str(path))
   _check_png(path)
-  del res["group_accuracy"]
+  del _member(res)["group_accuracy"]
   path2 = tmp_path / "r2.png"
   plot_report(res, str(path2))
   _check_png(path2)
 
 
 def test_plot_report_bad_input(tmp_path):
-  with pytest.raises(ValueError, match="rows"):
+  with pytest.raises(ValueError, match="members"):
     plot_report({"num_agents": 2}, str(tmp_path / "x.png"))
+  with pytest.raises(ValueError, match="rows"):
+    plot_report({"members": [{"num_agents": 2}]}, str(tmp_path / "x.png"))
   res = make_results(extras=False)
-  res["group_accuracy"]["after_growth"] = [[0.5] * K] * (K - 1)
+  _member(res)["group_accuracy"]["after_growth"] = [[0.5] * K] * (K - 1)
   with pytest.raises(ValueError, match="group_accuracy"):
     plot_report(res, str(tmp_path / "x.png"))
   assert os.listdir(tmp_path) == []
@@ -456,9 +485,18 @@ def test_plot_report_bad_input(tmp_path):
 )
 def test_malformed_results_raise(mutate, match):
   res = make_results(extras=False)
-  mutate(res)
+  mutate(_member(res))
   with pytest.raises(ValueError, match=match):
     results_markdown(res)
+
+
+def test_results_without_members_raise():
+  res = make_results(extras=False)
+  for members in (None, [], "x"):
+    with pytest.raises(ValueError, match="no 'members' list"):
+      results_markdown({**res, "members": members})
+  with pytest.raises(ValueError, match="population lists 2 members"):
+    results_markdown({**res, "population": {"members": [{}, {}], "swept": []}})
 
 
 def test_not_a_dict_raises():

@@ -2,7 +2,8 @@
 
 A hand-worked case fixes every number; a random case is checked against a
 per-image Python loop; histograms against np.histogram's own uniform-range
-route; the report integration against results_markdown without the key.
+route; the report's section on a hand-worked case and against the report without
+the key.
 """
 
 import copy
@@ -21,9 +22,9 @@ from masc_jax.reporting.routing_diagnostics import (
     ENERGY_KEYS,
     SHARE_KEYS,
     diagnose,
-    diagnostics_markdown,
     plot_energy_histograms,
 )
+from conftest import markdown_sections
 
 NAN = float("nan")
 
@@ -446,43 +447,72 @@ def test_bad_num_bins_raise(num_bins):
 
 # ----------------------------------------------------------------------------- markdown
 
-HAND_AGENT_LINES = [
-    "| Agent 0 | 33.33 | 33.33 | 66.67 | 33.33 | 66.67 | 33.33 | -6.67 | -3.67 | -5.00 | -7.00 |",
-    "| Agent 1 | 0.00 | 66.67 | 100.00 | 0.00 | 33.33 | 66.67 | -7.00 | -2.00 | -7.00 | -5.00 |",
-    # means over the two agents: 1/6, 1/2, 5/6, 1/6, 1/2, 1/2; -41/6, -17/6, -6, -6
-    "| mean | 16.67 | 50.00 | 83.33 | 16.67 | 50.00 | 50.00 | -6.83 | -2.83 | -6.00 | -6.00 |",
+# One member (one seed): each quantity's line, its value per agent and the mean over
+# agents (1/6, 1/2, 5/6, 1/6, 1/2, 1/2; -41/6, -17/6, -6, -6).
+HAND_LINES = [
+    "| head answers foreign % | 33.33 | 0.00 | 16.67 |",
+    "| S answers own % | 33.33 | 66.67 | 50.00 |",
+    "| head acc own % | 66.67 | 100.00 | 83.33 |",
+    "| head acc foreign % | 33.33 | 0.00 | 16.67 |",
+    "| S acc own % | 66.67 | 33.33 | 50.00 |",
+    "| S acc foreign % | 33.33 | 66.67 | 50.00 |",
+    "| E head own | -6.67 | -7.00 | -6.83 |",
+    "| E head foreign | -3.67 | -2.00 | -2.83 |",
+    "| E S own | -5.00 | -7.00 | -6.00 |",
+    "| E S foreign | -7.00 | -5.00 | -6.00 |",
 ]
 
 
+def _one_member(diagnostics):
+  """A single seed's results (K = 2) holding ``diagnostics``."""
+  row = {"expert": [0.9, 0.8], "general": [0.5, 0.4]}
+  member = {
+      "num_agents": 2,
+      "rows": {"after_growth": row, "ra_only": row},
+      "routing_diagnostics": diagnostics,
+  }
+  return {
+      "population": {"members": [{"seed": 0, "settings": {}}], "swept": []},
+      "members": [member],
+  }
+
+
+def _diagnostics_section(md):
+  return markdown_sections(md)["Routing diagnostics"]
+
+
 def test_markdown_hand_worked_percentages():
-  md = diagnostics_markdown({"ra_only": _hand(), "after_growth": _hand()})
-  lines = md.splitlines()
-  assert lines[0] == "## Routing diagnostics"
-  # rows in the report's order, with the report's titles
-  assert md.index(f"### {schema.ROW_TITLES['after_growth']}\n") < md.index(
-      f"### {schema.ROW_TITLES['ra_only']}\n"
+  md = results_markdown(
+      _one_member({"ra_only": _hand(), "after_growth": _hand()})
   )
-  for line in HAND_AGENT_LINES:
+  lines = _diagnostics_section(md)
+  # rows in the report's order, with the report's titles
+  titles = [l for l in lines if l.startswith("### ")]
+  assert titles == [
+      f"### {schema.ROW_TITLES['after_growth']}",
+      f"### {schema.ROW_TITLES['ra_only']}",
+  ]
+  for line in HAND_LINES:
     assert lines.count(line) == 2
-  # one explanation line per column
-  header = next(l for l in lines if l.startswith("| Agent |"))
-  columns = [c.strip() for c in header.strip("|").split("|")][1:]
-  assert len(columns) == 10
-  for column in columns:
-    assert sum(l.startswith(f"- {column}: ") for l in lines) == 1
+  assert lines.count("| quantity | Agent 0 | Agent 1 | mean |") == 2
+  # one explanation line per quantity
+  quantities = [l.split("|")[1].strip() for l in HAND_LINES]
+  for quantity in quantities:
+    assert sum(l.startswith(f"- {quantity}: ") for l in lines) == 1
 
 
 def test_markdown_nan_cells_and_json_nulls():
   diag = diagnose(**dict(HAND, groups=[[0, 1, 2, 3], [4, 5]]), num_bins=3)
-  md = diagnostics_markdown({"after_growth": diag})
-  agent1 = next(l for l in md.splitlines() if l.startswith("| Agent 1 |"))
-  cells = [c.strip() for c in agent1.strip("|").split("|")]
-  assert (
-      cells[2] == "-" and cells[3] == "-"
-  )  # S answers own, head acc own: empty subset
-  # the same table from results.json's nulls
-  loaded = json.loads(json.dumps(_to_json(diag)))
-  assert diagnostics_markdown({"after_growth": loaded}) == md
+  results = _one_member({"after_growth": diag})
+  md = results_markdown(results)
+  lines = _diagnostics_section(md)
+  # Agent 1 owns no test image: S answers own and head acc own have no value.
+  for quantity in ("S answers own %", "head acc own %"):
+    line = next(l for l in lines if l.startswith(f"| {quantity} |"))
+    assert [c.strip() for c in line.strip("|").split("|")][2] == "-"
+  # the same report from results.json's nulls
+  loaded = json.loads(json.dumps(_to_json(results)))
+  assert results_markdown(loaded) == md
 
 
 def _to_json(obj):
@@ -495,27 +525,28 @@ def _to_json(obj):
 
 
 def _results(with_diagnostics):
-  from test_reporting import make_results  # K = 3 synthetic results
+  from test_reporting import make_results  # K = 3 synthetic results, one seed
 
   res = make_results(extras=True)
   if with_diagnostics:
     inputs = _random_inputs(4, k=3)
-    res["routing_diagnostics"] = {
+    res["members"][0]["routing_diagnostics"] = {
         "after_growth": diagnose(**inputs),
         "before_growth": diagnose(**_random_inputs(5, k=3)),
     }
   return res
 
 
-def test_results_markdown_without_key_unchanged_and_with_key_appended():
+def test_results_markdown_without_key_unchanged_and_with_key_added():
   without = results_markdown(_results(False))
   assert "Routing diagnostics" not in without
   res = _results(True)
   with_key = results_markdown(res)
-  assert with_key == without + "\n" + diagnostics_markdown(
-      res["routing_diagnostics"]
-  )
   assert with_key.count("## Routing diagnostics") == 1
+  # Dropping the section gives the report without the key back.
+  start = with_key.index("## Routing diagnostics")
+  end = with_key.index("\n## ", start) + 1
+  assert with_key[:start] + with_key[end:] == without
 
 
 def test_write_results_round_trip_with_diagnostics(tmp_path):
@@ -523,15 +554,12 @@ def test_write_results_round_trip_with_diagnostics(tmp_path):
   # an agent with no images of its own: NaN -> null in results.json -> "-" in both .md's
   inputs = _random_inputs(6, k=3)
   inputs["groups"][2] = [99]
-  res["routing_diagnostics"]["cc_only"] = diagnose(**inputs)
+  res["members"][0]["routing_diagnostics"]["cc_only"] = diagnose(**inputs)
   write_results(str(tmp_path), res)
   saved = json.loads((tmp_path / "results.json").read_text())
-  assert set(saved["routing_diagnostics"]) == {
-      "after_growth",
-      "before_growth",
-      "cc_only",
-  }
-  assert saved["routing_diagnostics"]["cc_only"]["head_accuracy_own"][2] is None
+  diagnostics = saved["members"][0]["routing_diagnostics"]
+  assert set(diagnostics) == {"after_growth", "before_growth", "cc_only"}
+  assert diagnostics["cc_only"]["head_accuracy_own"][2] is None
   assert results_markdown(saved) == (tmp_path / "results.md").read_text()
 
 
@@ -573,14 +601,14 @@ def test_write_results_round_trip_with_diagnostics(tmp_path):
 )
 def test_results_markdown_rejects_bad_diagnostics(mutate, match):
   res = _results(True)
-  mutate(res["routing_diagnostics"])
+  mutate(res["members"][0]["routing_diagnostics"])
   with pytest.raises(ValueError, match=match):
     results_markdown(res)
 
 
 def test_results_markdown_rejects_diagnostics_of_another_k():
   res = _results(False)
-  res["routing_diagnostics"] = {
+  res["members"][0]["routing_diagnostics"] = {
       "after_growth": _hand()
   }  # K = 2, results have K = 3
   with pytest.raises(ValueError, match=r"expected \(3,\)"):

@@ -41,6 +41,8 @@ def test_every_stage_step_sharded_over_4_devices_matches_one_device(
   assert one["mesh"] == {"members": 1, "agents": 1, "data": 1}
   assert four["mesh"] == {"members": 1, "agents": 2, "data": 2}
   for stage, losses in one["losses"].items():
+    # A single run: one member.
+    assert four["sharded"][stage]["members"] == 1, stage
     np.testing.assert_allclose(
         four["losses"][stage], losses, rtol=1e-5, atol=1e-5, err_msg=stage
     )
@@ -103,14 +105,15 @@ def test_population_members_spread_over_devices_match_one_device(tmp_path):
       placed = out[name]["sharded"][stage]
       # Batched, the member axis is split: each device holds one member's slice. In
       # turn, every device holds both members (the mesh has no member axis).
-      assert placed["rows"] == 2, (name, stage)
-      assert placed["shard_rows"] == (2 if name == "loop_three" else 1), (
+      assert placed["members"] == 2, (name, stage)
+      assert placed["member_shard"] == (2 if name == "loop_three" else 1), (
           name,
           stage,
       )
 
 
 def _close(a, b):
+  (a,), (b,) = a["members"], b["members"]
   for row in a["rows"]:
     for col in ("expert", "general"):
       np.testing.assert_allclose(

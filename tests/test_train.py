@@ -1,16 +1,19 @@
 """The run end to end on the tiny config: stages, outputs, re-running a finished run."""
 
 import dataclasses
+import functools
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
 from masc_jax import config_lib
 from masc_jax.data import registry
 from masc_jax.method import metrics
-from masc_jax.training import protocol, train
+from masc_jax.training import checkpointing, protocol, train
 from masc_jax.training.society import build_society
 from masc_jax.reporting import report
 
@@ -21,7 +24,18 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_run):
   workdir, results, lines = tiny_run
   for name in protocol.stage_names(config_lib.load_config("tiny")):
     assert any(line.startswith(f"[{name}] done:") for line in lines), name
-  assert set(results["rows"]) == set(ROWS)
+  # One seed: a population of one member, its statistics over n = 1.
+  assert results["population"] == {
+      "members": [{"seed": 0, "settings": {}}],
+      "swept": [],
+  }
+  (member,) = results["members"]
+  assert set(member["rows"]) == set(ROWS)
+  general = results["aggregate"]["rows"]["after_growth"]["general"]["mean"]
+  assert general["n"] == 1 and general["mean"] == np.mean(
+      member["rows"]["after_growth"]["general"]
+  )
+  assert np.isnan(general["half_width"]) and "sweep" not in results
   for name in (
       "results.json",
       "results.md",
@@ -54,7 +68,7 @@ def test_metrics_log_has_a_record_per_logged_step_and_evaluation(tiny_run):
 
 def test_results_rows_agree_with_the_group_accuracy_matrices(tiny_run):
   """Expert_k is the diagonal of the group matrix; General_k the size-weighted rest."""
-  _, results, _ = tiny_run
+  (results,) = tiny_run[1]["members"]
   groups = np.asarray(results["class_groups"])
   test_labels = registry.load_dataset("digits").test_labels
   sizes = np.bincount(
@@ -74,7 +88,7 @@ def test_results_rows_agree_with_the_group_accuracy_matrices(tiny_run):
 
 
 def test_before_growth_agents_know_only_their_own_classes(tiny_run):
-  _, results, _ = tiny_run
+  (results,) = tiny_run[1]["members"]
   assert max(results["rows"]["before_growth"]["general"]) < 0.1
 
 
@@ -86,7 +100,52 @@ def test_a_finished_run_reports_without_training(tiny_run):
   )
   assert any("this run is finished" in l for l in lines)
   assert not any("| ETA" in l for l in lines)
-  assert again["rows"] == json.loads(json.dumps(results["rows"]))
+  # Everything, statistics and timings included (NaN spreads compare as text).
+  assert json.dumps(again, sort_keys=True) == json.dumps(
+      results, sort_keys=True
+  )
+
+
+def test_a_checkpoint_without_the_member_axis_resumes_to_the_same_results(
+    tiny_run, tmp_path
+):
+  """A single run checkpointed mid-stage by an older version (no member axis) resumes
+  with the axis added and ends with the uninterrupted run's results."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir)
+  config = config_lib.load_config("tiny")
+  society = build_society(config)
+  run = train.Run(society, workdir, log=lambda _: None)
+  abstract = jax.eval_shape(
+      functools.partial(train.init_population_state, society, run.init_key)
+  )
+  step = run.checkpointer.all_steps()[-2]  # mid-stage: the last stage's step 10
+  state, meta = run.checkpointer.restore(step, abstract)
+  run.close()
+  assert (meta["stage"], meta["stage_step"]) == ("altruism_ce", 10)
+  # What the older version saved: the same models and position, no member axis.
+  old_state = jax.tree.map(lambda x: x[0], state)
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  for name in ("results.json", "results.md", "report.png", "routing.png"):
+    os.remove(os.path.join(workdir, name))
+  old = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  old.save(step, old_state, meta)
+  old.close()
+  saved = checkpointing.leaf_shapes(old_state)
+  assert all(
+      (1, *saved[name]) == shape
+      for name, shape in checkpointing.leaf_shapes(state).items()
+  )
+
+  lines = []
+  results = train.train_and_evaluate(config, workdir, log=lines.append)
+  assert any("restored as a run of one member" in l for l in lines), lines
+  assert f"resumed from checkpoint {step}: stage altruism_ce, step 10" in lines
+  assert not any(l.startswith("[collective]") for l in lines)
+  for key in ("members", "aggregate"):  # (NaN spreads compare as text)
+    assert json.dumps(results[key], sort_keys=True) == json.dumps(
+        tiny_run[1][key], sort_keys=True
+    ), key
 
 
 def test_a_stage_registered_from_outside_is_trained_and_reported(
@@ -111,7 +170,7 @@ def test_a_stage_registered_from_outside_is_trained_and_reported(
   )
   lines = []
   results = train.train_and_evaluate(config, str(tmp_path), log=lines.append)
-  assert set(results["rows"]) == {
+  assert set(results["members"][0]["rows"]) == {
       "before_growth",
       "cc_only",
       "after_growth",

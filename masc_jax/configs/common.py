@@ -127,9 +127,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
-
-  # Fault injection for tests: poison the loss at this global step (-1: never).
-  config.debug_nan_step = -1
   return config
 
 

@@ -5,7 +5,7 @@ with ``jit`` and ``NamedSharding``: stacked agent states (params, BatchNorm
 statistics, optimiser states) are split along ``agents``; per-agent batches
 ``[K, B, ...]`` along ``agents`` and ``data``; the collective's state is
 replicated and its pooled batch ``[B, ...]`` split over every device (plain
-data parallelism). A population's arrays carry a leading member axis, split
+data parallelism). Every run's arrays carry a leading member axis (size 1 for one seed), split
 along ``members`` first: members never talk to each other, so 8 seeds on 8
 chips run one member per chip with no communication at all. XLA's SPMD partitioner then runs each stage's step as one
 program over the mesh and inserts the gradient all-reduce of the collective.
@@ -67,7 +67,7 @@ def make_mesh(
   """A 3-D mesh ``(members, agents, data)`` over the first ``num_devices`` devices (0: all).
 
   The member axis takes the largest divisor of the population size that divides
-  the device count (1 for a plain run); the agent axis then divides what is left.
+  the device count (1 for a single seed); the agent axis then divides what is left.
   """
   devices = list(devices if devices is not None else jax.devices())
   if num_devices:

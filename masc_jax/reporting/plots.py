@@ -1,28 +1,68 @@
-"""report.png: the picture of a run's results.
+"""report.png and sweep.png: the pictures of a run's results.
 
-:func:`plot_report` draws (a) agents x class-groups accuracy heatmaps (before /
-after growth) and (b) grouped Expert / General bars per agent, from the results
-dict whose schema ``masc_jax.reporting.report`` owns (and validates: this module reuses
-its helpers). The image is ``REPORT_FIGSIZE`` * ``REPORT_DPI`` pixels.
+:func:`plot_report` draws, from the results dict of ``masc_jax.reporting.report``
+(one seed or a population): (a) agents x class-groups accuracy heatmaps
+(before / after growth, the mean over members), (b) per-agent Expert and
+General bars and (c) every row's mean General and society accuracy, the bars
+with their 95% intervals over members as error bars (none for one member).
+:func:`plot_sweep` draws a sweep's headline numbers against the swept values.
+The images are ``REPORT_FIGSIZE`` (``SWEEP_FIGSIZE``) * ``REPORT_DPI`` pixels.
 
-matplotlib is imported lazily inside :func:`plot_report`.
+matplotlib is imported lazily inside the plotting functions.
 """
 
 from __future__ import annotations
 
 import io
+import numbers
 import sys
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from masc_jax import paths
-from masc_jax.reporting import schema
+from masc_jax.reporting import report, schema, stats
 
-__all__ = ["REPORT_FIGSIZE", "REPORT_DPI", "plot_report"]
+__all__ = [
+    "REPORT_FIGSIZE",
+    "REPORT_DPI",
+    "SWEEP_FIGSIZE",
+    "plot_report",
+    "plot_sweep",
+]
 
 # report.png is REPORT_FIGSIZE * REPORT_DPI pixels (no tight bbox cropping).
-REPORT_FIGSIZE = (12.0, 9.0)
+REPORT_FIGSIZE = (12.0, 13.0)
 REPORT_DPI = 100
+SWEEP_FIGSIZE = (15.0, 5.0)
+_PALETTE = {
+    "expert": ("#9ecae1", "#2171b5"),
+    "general": ("#fdae6b", "#d94801"),
+}
+
+
+def _render_png(
+    figsize: tuple[float, float], draw: Callable[[Any], None]
+) -> bytes:
+  """PNG bytes of a ``matplotlib.figure.Figure`` that ``draw(fig)`` fills (Agg, no pyplot)."""
+  import matplotlib
+
+  if "matplotlib.pyplot" not in sys.modules:
+    # Don't switch an already-chosen pyplot backend (that would close the user's
+    # figures); the Figure below renders with Agg either way.
+    matplotlib.use("Agg")
+  from matplotlib.figure import Figure
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+  fig = Figure(figsize=figsize, dpi=REPORT_DPI, layout="constrained")
+  FigureCanvasAgg(fig)
+  try:
+    draw(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=REPORT_DPI)
+  finally:
+    fig.clear()
+  return buf.getvalue()
 
 
 def _heatmap(ax, mat: np.ndarray, title: str, cmap, fontsize: float):
@@ -54,122 +94,260 @@ def _heatmap(ax, mat: np.ndarray, title: str, cmap, fontsize: float):
   return im
 
 
-def plot_report(results: dict, path: str) -> None:
-  """Writes report.png: (a) agents x class-groups accuracy heatmaps (before / after
-  growth, shared 0..1 colour scale, owner cells outlined in red); (b) grouped bars of
-  per-agent Expert and General (after growth, and before growth if present).
+def _mean_and_error(
+    summaries: Sequence[Mapping | None],
+) -> tuple[np.ndarray, np.ndarray | None]:
+  """[n] means (NaN without a value) and CI half-widths (0 without a spread; None
+  when no value has one, so that no zero-length bars are drawn)."""
+  means = np.array([report.stat(s, "mean") for s in summaries])
+  halves = np.array([report.stat(s, "half_width") for s in summaries])
+  return means, (np.nan_to_num(halves) if np.isfinite(halves).any() else None)
 
-  Rows that are absent are skipped: when neither before nor after growth is there,
-  the first available rows are shown instead.
+
+def _error_bars(
+    ax,
+    labels: Sequence[str],
+    series: Sequence[tuple[str, Sequence, str, str | None]],
+) -> None:
+  """Grouped bars with CI error bars: one group per label, one bar per series
+  ``(legend, [len(labels)] summaries, colour, hatch)``; y from 0 to past the top error bar.
   """
-  k, rows, groups = schema.validate(results)
+  width = 0.8 / max(len(series), 1)
+  x = np.arange(len(labels))
+  top = 1.05
+  for j, (legend, summaries, color, hatch) in enumerate(series):
+    means, halves = _mean_and_error(summaries)
+    means = np.nan_to_num(means)  # a missing value: no bar
+    ax.bar(
+        x - 0.4 + width * (j + 0.5),
+        means,
+        width,
+        yerr=halves,
+        capsize=3,
+        label=legend,
+        color=color,
+        hatch=hatch,
+        edgecolor="black",
+        linewidth=0.5,
+        error_kw={"elinewidth": 1.0},
+    )
+    reach = means if halves is None else means + halves
+    top = max(top, float(np.max(reach, initial=0.0)) + 0.02)
+  ax.set_xticks(x)
+  ax.set_xticklabels(labels)
+  ax.set_ylim(0.0, top)
+  ax.set_ylabel("accuracy")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(
+      loc="upper center",
+      bbox_to_anchor=(0.5, -0.12),
+      ncol=max(1, len(series)),
+      fontsize=9,
+      frameon=False,
+  )
 
-  import matplotlib
 
-  if "matplotlib.pyplot" not in sys.modules:
-    # Don't switch an already-chosen pyplot backend (that would close the user's
-    # figures); the Figure below renders with Agg either way.
-    matplotlib.use("Agg")
-  from matplotlib.figure import Figure
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _directionality_text(entry: Mapping, single: bool) -> str:
+  if single:
+    return f"directionality {schema.yes_no(entry['holds'])}"
+  return f"directionality {entry['holds']}/{entry['of']}"
 
-  direction = results.get("directionality") or {}
-  society = results.get("society_accuracy") or {}
 
+def plot_report(results: Mapping, path: str) -> None:
+  """Writes report.png.
+
+  (a) agents x class-groups accuracy heatmaps (before / after growth, else the
+  first two rows that have them; the mean over members; shared 0..1 colour
+  scale, owner cells outlined in red); (b) per-agent Expert and General (the
+  same rows; after growth in solid colours); (c) every row's mean General and
+  society accuracy. Bars carry their 95% interval over the members as error
+  bars (none for one member).
+
+  Raises:
+    ValueError: for malformed results (``report.read``); nothing is written.
+  """
+  parsed = report.read(results)
+  agg, k = parsed.aggregate, parsed.num_agents
+  single = len(parsed.members) == 1
+  rows = {name: agg["rows"][name] for name in schema.ordered_rows(agg["rows"])}
+  groups = agg.get("group_accuracy") or {}
+  society = agg.get("society_accuracy") or {}
+  direction = agg.get("directionality") or {}
   heat_rows = [r for r in ("before_growth", "after_growth") if r in groups]
-  if not heat_rows:
-    heat_rows = schema.ordered_rows(groups)[:2]
+  heat_rows = heat_rows or schema.ordered_rows(groups)[:2]
   bar_rows = [r for r in ("before_growth", "after_growth") if r in rows]
-  if not bar_rows:
-    bar_rows = schema.ordered_rows(rows)[:2]
+  bar_rows = bar_rows or list(rows)[:2]
 
-  fig = Figure(figsize=REPORT_FIGSIZE, dpi=REPORT_DPI, layout="constrained")
-  FigureCanvasAgg(fig)
-  try:
-    gs = fig.add_gridspec(2, 2, height_ratios=[1.15, 1.0])
+  def draw(fig):
+    import matplotlib
+
+    who = (
+        "one seed"
+        if single
+        else f"{report.members_text(len(parsed.members))}; "
+        f"error bars: {report.CI_EXPLANATION}"
+    )
+    fig.suptitle(who)
+    grid = fig.add_gridspec(3, 2, height_ratios=[1.15, 1.0, 0.9])
     cmap = matplotlib.colormaps["viridis"]
     fontsize = max(4.0, min(10.0, 64.0 / k))
 
     # (a) heatmaps
     if heat_rows:
-      axes = [fig.add_subplot(gs[0, i]) for i in range(len(heat_rows))]
+      axes = [fig.add_subplot(grid[0, i]) for i in range(len(heat_rows))]
       im = None
       for ax, name in zip(axes, heat_rows):
         title = f"(a) {schema.row_title(name)}: accuracy"
         extra = []
-        if name in direction:
-          extra.append(f"directionality {schema.yes_no(direction[name])}")
+        if direction.get(name, {}).get("of"):
+          extra.append(_directionality_text(direction[name], single))
         if name in society:
-          extra.append(f"society {schema.pct(society[name])}%")
+          extra.append(f"society {schema.pct(society[name]['mean'])}%")
         if extra:
           title += "\n" + ", ".join(extra)
-        im = _heatmap(ax, groups[name], title, cmap, fontsize)
+        mat = np.array(
+            [
+                [report.stat(cell, "mean") for cell in line]
+                for line in groups[name]
+            ]
+        )
+        im = _heatmap(ax, mat, title, cmap, fontsize)
       fig.colorbar(im, ax=axes, shrink=0.9, label="accuracy")
     else:
-      ax = fig.add_subplot(gs[0, :])
+      ax = fig.add_subplot(grid[0, :])
       ax.axis("off")
       ax.text(
           0.5, 0.5, "no per-group accuracy in results", ha="center", va="center"
       )
 
-    # (b) grouped bars
-    ax = fig.add_subplot(gs[1, :])
+    # (b) per-agent bars
     series = []
-    palette = {
-        "expert": ("#9ecae1", "#2171b5"),
-        "general": ("#fdae6b", "#d94801"),
-    }
     for i, name in enumerate(bar_rows):
       strong = (
           i == len(bar_rows) - 1
       )  # the last (after growth) in solid colours
-      for col in ("expert", "general"):
+      for m in ("expert", "general"):
         series.append(
             (
-                f"{col.capitalize()} - {schema.row_title(name)}",
-                rows[name][col],
-                palette[col][1 if strong else 0],
+                f"{m.capitalize()} - {schema.row_title(name)}",
+                rows[name][m]["per_agent"],
+                _PALETTE[m][1 if strong else 0],
                 None if strong else "//",
             )
         )
-    n = len(series)
-    width = 0.8 / max(n, 1)
-    x = np.arange(k)
-    for j, (label, vals, color, hatch) in enumerate(series):
-      heights = np.where(np.isfinite(vals), vals, 0.0)
-      ax.bar(
-          x - 0.4 + width * (j + 0.5),
-          heights,
-          width,
-          label=label,
-          color=color,
-          hatch=hatch,
-          edgecolor="black",
-          linewidth=0.5,
-      )
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"agent {a}" for a in range(k)])
-    ax.set_ylim(0.0, 1.05)
-    ax.set_ylabel("accuracy")
-    ax.set_title(
+    ax_agents = fig.add_subplot(grid[1, :])
+    _error_bars(ax_agents, [f"agent {a}" for a in range(k)], series)
+    ax_agents.set_title(
         "(b) per-agent Expert (own classes) and General (other agents' classes)"
     )
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.08),
-        ncol=max(1, n),
-        fontsize=9,
-        frameon=False,
+
+    # (c) per-row bars
+    labels = [
+        schema.row_title(r)
+        + (
+            "\n" + _directionality_text(direction[r], single)
+            if direction.get(r, {}).get("of")
+            else ""
+        )
+        for r in rows
+    ]
+    ax_rows = fig.add_subplot(grid[2, :])
+    _error_bars(
+        ax_rows,
+        labels,
+        [
+            (
+                "mean General",
+                [rows[r]["general"]["mean"] for r in rows],
+                "#d94801",
+                None,
+            ),
+            (
+                "society accuracy",
+                [society.get(r) for r in rows],
+                "#41ab5d",
+                None,
+            ),
+        ],
+    )
+    ax_rows.set_title(
+        "(c) per row: mean General over agents and society accuracy"
     )
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=REPORT_DPI)
-  finally:
-    fig.clear()
-    try:  # the Figure was never registered with pyplot; close defensively if it was
-      if "matplotlib.pyplot" in sys.modules:
-        sys.modules["matplotlib.pyplot"].close(fig)
-    except Exception:
-      pass
-  paths.write_atomic(path, buf.getvalue())
+  paths.write_atomic(path, _render_png(REPORT_FIGSIZE, draw))
+
+
+def _x_positions(
+    values: Sequence[Any],
+) -> tuple[list[float], list[str] | None, bool]:
+  """Where swept values go on the x axis: (positions, tick labels for non-numeric
+  values or None, log scale?). Positive numbers spanning two decades get a log axis
+  (weights like 0.01, 0.1, 1)."""
+  if all(
+      isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values
+  ):
+    xs = [float(v) for v in values]
+    positive = all(x > 0 for x in xs)
+    return xs, None, positive and max(xs) / min(xs) >= 100.0
+  labels = [str(v) for v in report.unique(values)]
+  return [float(labels.index(str(v))) for v in values], labels, False
+
+
+def plot_sweep(results: Mapping, path: str) -> None:
+  """Writes sweep.png: the headline row's (after growth, see
+  ``stats.headline_row``) mean General, mean Average and society accuracy
+  of every setting against the first swept field, with 95% CI error bars; with
+  more fields, one line per combination of the others.
+
+  Raises:
+    ValueError: without a sweep, or for malformed results.
+  """
+  sweep = report.read(results).sweep
+  if not sweep or not sweep.get("swept") or not sweep.get("groups"):
+    raise ValueError("plot_sweep: the results have no sweep")
+  fields, groups = list(sweep["swept"]), sweep["groups"]
+  x_field, others = fields[0], fields[1:]
+  row = stats.headline_row(stats.union(g["rows"] for g in groups))
+  lines: dict[tuple, list[dict]] = {}
+  for g in groups:
+    lines.setdefault(
+        tuple(report.setting_value(g["settings"].get(f)) for f in others), []
+    ).append(g)
+  positions, ticks, log_x = _x_positions(
+      [g["settings"].get(x_field) for g in groups]
+  )
+  where = {id(g): x for g, x in zip(groups, positions)}
+  metrics = ("mean_general", "mean_average", "society_accuracy")
+
+  def draw(fig):
+    fig.suptitle(
+        f"Sweep, {schema.row_title(row)}; error bars: {report.CI_EXPLANATION}"
+    )
+    for ax, metric in zip(fig.subplots(1, len(metrics)), metrics):
+      for combo, members in lines.items():
+        members = sorted(members, key=lambda g: where[id(g)])
+        means, halves = _mean_and_error(
+            [g["rows"].get(row, {}).get(metric) for g in members]
+        )
+        label = ", ".join(f"{f} = {v}" for f, v in zip(others, combo)) or None
+        ax.errorbar(
+            [where[id(g)] for g in members],
+            means,
+            yerr=halves,
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+      if ticks is not None:
+        ax.set_xticks(range(len(ticks)))
+        ax.set_xticklabels(ticks)
+      if log_x:
+        ax.set_xscale("log")
+      ax.set_xlabel(x_field)
+      ax.set_ylabel("accuracy")
+      ax.set_title(report.HEADLINE_TITLES[metric])
+      ax.grid(alpha=0.3)
+      if others:
+        ax.legend(fontsize=8)
+
+  paths.write_atomic(path, _render_png(SWEEP_FIGSIZE, draw))

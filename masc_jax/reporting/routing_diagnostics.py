@@ -19,8 +19,9 @@ the routing boundary; these diagnostics make such a move visible.
 * each head's mean free energy on own / foreign images, and the histograms of
   those energies on one set of bin edges per row.
 
-:func:`diagnostics_markdown` renders them as the "Routing diagnostics" section
-of results.md; :func:`plot_energy_histograms` draws routing.png.
+``masc_jax.reporting.report`` renders them (over a run's members) as the
+"Routing diagnostics" section of results.md; :func:`plot_energy_histograms`
+draws routing.png.
 
 Schema of one row (the output of :func:`diagnose`; JSON-able, ``nan`` where a
 subset is empty, written as ``null`` in results.json)::
@@ -40,7 +41,6 @@ numpy only: no jax import (matplotlib is imported lazily by the plot).
 from __future__ import annotations
 
 import io
-import math
 import sys
 from typing import Any, Mapping
 
@@ -53,13 +53,12 @@ __all__ = [
     "SHARE_KEYS",
     "ENERGY_KEYS",
     "diagnose",
+    "DIAGNOSTIC_COLUMNS",
     "validate",
-    "diagnostics_markdown",
     "plot_energy_histograms",
 ]
 
-# The six per-agent fractions, in table order, with the column header and the
-# one-line explanation that results.md prints.
+# The six per-agent fractions, in table order.
 SHARE_KEYS = (
     "head_answers_foreign",
     "collective_answers_own",
@@ -76,6 +75,7 @@ ENERGY_KEYS = (
     "collective_foreign",
 )
 
+# Each quantity's column header and the one-line explanation that results.md prints.
 DIAGNOSTIC_COLUMNS = {
     "head_answers_foreign": (
         "head answers foreign %",
@@ -464,66 +464,6 @@ def validate(
       out["energy_histogram"] = checked
     rows[str(name)] = out
   return (0 if k is None else int(k)), rows
-
-
-# ----------------------------------------------------------------------------
-# Markdown
-# ----------------------------------------------------------------------------
-
-
-def _energy(v: float) -> str:
-  return "-" if not math.isfinite(v) else f"{v:.2f}"
-
-
-def diagnostics_markdown(diagnostics_by_row: dict) -> str:
-  """The "Routing diagnostics" section of results.md.
-
-  One table per row (in the report's row order, titled as the report titles
-  rows), one line per agent plus the mean over agents (of the finite
-  entries): the six shares / accuracies in percent and the four mean
-  energies. A bullet list explains each column once, above the tables.
-  """
-  k, rows = validate(diagnostics_by_row)
-  out = ["## Routing diagnostics", ""]
-  out.append(
-      "How each grown agent splits its answers between its own head and S's head "
-      "(the routing rule picks one per image; the default `energy` rule, the one of "
-      "lower free energy). Own: images of the agent's own classes; "
-      "foreign: images of the other agents' classes. Energies: free energy "
-      "F = -T logsumexp(z / T), lower = more confident."
-  )
-  out.append("")
-  for key in SHARE_KEYS + ENERGY_KEYS:
-    header, meaning = DIAGNOSTIC_COLUMNS[key]
-    out.append(f"- {header}: {meaning}.")
-  out.append("")
-  if not rows:
-    out.append("No rows recorded.")
-    out.append("")
-  headers = [DIAGNOSTIC_COLUMNS[key][0] for key in SHARE_KEYS + ENERGY_KEYS]
-  for name in schema.ordered_rows(rows):
-    row = rows[name]
-    columns = [row[key] for key in SHARE_KEYS] + [
-        row["energy_mean"][key] for key in ENERGY_KEYS
-    ]
-    fmt = [schema.pct] * len(SHARE_KEYS) + [_energy] * len(ENERGY_KEYS)
-    out.append(f"### {schema.row_title(name)}")
-    out.append("")
-    out.append("| Agent | " + " | ".join(headers) + " |")
-    out.append("|---|" + "---:|" * len(headers))
-    for a in range(k):
-      out.append(
-          f"| Agent {a} | "
-          + " | ".join(f(c[a]) for f, c in zip(fmt, columns))
-          + " |"
-      )
-    out.append(
-        "| mean | "
-        + " | ".join(f(schema.mean(c)) for f, c in zip(fmt, columns))
-        + " |"
-    )
-    out.append("")
-  return "\n".join(out).rstrip("\n") + "\n"
 
 
 # ----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ members' results tables and the summary of a settings sweep.
 A population is P societies trained together (seeds crossed with an optional grid
 of numeric settings). Each member gives one ordinary results dict (the schema of
 ``masc_jax.reporting.report``), possibly with a ``"routing_diagnostics"`` entry. This module
-turns the P dicts into summaries; ``masc_jax.reporting.population_report`` renders them.
+turns the P dicts into summaries; ``masc_jax.reporting.report`` renders them.
 
 A *summary* (:func:`summarize`) of the values one cell takes over the members::
 
@@ -17,8 +17,7 @@ the two-sided 95% Student-t confidence interval of the mean. Non-finite values
 rest; with n == 1 the spread is unknown (std, ci95 and half_width are NaN), with
 n == 0 everything is NaN.
 
-numpy and the standard library only: no jax import, no scipy (the Student-t
-quantile is computed here, :func:`t_quantile`).
+NumPy and SciPy (the Student-t quantile, ``scipy.stats.t.ppf``): no jax import.
 """
 
 from __future__ import annotations
@@ -29,16 +28,17 @@ import numbers
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 
 from masc_jax.reporting import schema
 
 __all__ = [
     "METRICS",
     "HEADLINE_KEYS",
-    "t_quantile",
     "summarize",
     "member_headline",
     "headline_row",
+    "union",
     "aggregate",
     "sweep_summary",
 ]
@@ -55,174 +55,15 @@ HEADLINE_KEYS = (
 # routing_diagnostics entries that are not per-agent numbers to average.
 _SKIPPED_DIAGNOSTICS = frozenset({"energy_histogram"})
 
-_EPS = float(np.finfo(np.float64).eps)
-_TINY = 1e-300  # keeps Lentz's continued fraction away from division by zero
-_CF_MAX_TERMS = (
-    100_000  # the continued fraction needs O(sqrt(dof)) terms near the mode
-)
-_SOLVE_MAX_ITER = 200
-
-
-# ----------------------------------------------------------------------------
-# Student-t quantile
-# ----------------------------------------------------------------------------
-
-
-def _beta_cf(a: float, b: float, x: float) -> float:
-  """The continued fraction of the incomplete beta function (modified Lentz).
-
-  I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * _beta_cf(a, b, x); it converges quickly
-  for x < (a + 1) / (a + b + 2) (Numerical Recipes, 6.4).
-  """
-  qab, qap, qam = a + b, a + 1.0, a - 1.0
-  c = 1.0
-  d = 1.0 - qab * x / qap
-  d = 1.0 / (d if abs(d) > _TINY else _TINY)
-  h = d
-  for m in range(1, _CF_MAX_TERMS + 1):
-    m2 = 2 * m
-    # Each term of the fraction comes as an (even, odd) pair of coefficients.
-    for coef in (
-        m * (b - m) * x / ((qam + m2) * (a + m2)),
-        -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
-    ):
-      d = 1.0 + coef * d
-      d = 1.0 / (d if abs(d) > _TINY else _TINY)
-      c = 1.0 + coef / c
-      c = c if abs(c) > _TINY else _TINY
-      delta = c * d
-      h *= delta
-    if abs(delta - 1.0) <= _EPS:
-      return h
-  raise ArithmeticError(
-      f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})"
-  )
-
-
-def _log_gamma_ratio(a: float, b: float) -> float:
-  """log(Gamma(a) / Gamma(a + b)) for a, b > 0.
-
-  Differencing two lgamma values loses their magnitude's worth of digits when a
-  is large (lgamma(5e5) ~ 6e6: ~1e-9 absolute); for large a the difference of the
-  Stirling series is taken term by term instead.
-  """
-  if a < 100.0:
-    return math.lgamma(a) - math.lgamma(a + b)
-
-  def series(z):  # lgamma(z) - [(z - 1/2) log z - z + log(2 pi) / 2]
-    z2 = z * z
-    return (
-        1.0 / 12.0
-        - (1.0 / 360.0 - (1.0 / 1260.0 - 1.0 / (1680.0 * z2)) / z2) / z2
-    ) / z
-
-  c = a + b
-  return (
-      -(a - 0.5) * math.log1p(b / a)
-      - b * math.log(c)
-      + b
-      + series(a)
-      - series(c)
-  )
-
-
-def _betainc(a: float, b: float, x: float, y: float) -> float:
-  """Regularized incomplete beta I_x(a, b), given x and y = 1 - x.
-
-  Both are passed so that the caller can compute each without cancellation
-  (for the t distribution, x and 1 - x are ratios that are exact to rounding).
-  """
-  if x <= 0.0:
-    return 0.0
-  if y <= 0.0:
-    return 1.0
-  # log(1 - y) is more accurate than log(x) when x is near 1 (and vice versa).
-  log_x = math.log1p(-y) if y < 0.5 else math.log(x)
-  log_y = math.log1p(-x) if x < 0.5 else math.log(y)
-  log_front = a * log_x + b * log_y - math.lgamma(b) - _log_gamma_ratio(a, b)
-  if x < (a + 1.0) / (a + b + 2.0):
-    return math.exp(log_front) * _beta_cf(a, b, x) / a
-  # The symmetry I_x(a, b) = 1 - I_{1-x}(b, a) puts the fraction where it converges.
-  return 1.0 - math.exp(log_front) * _beta_cf(b, a, y) / b
-
-
-def _t_upper_tail(t: float, dof: float) -> float:
-  """P(T > t) for t >= 0: I_{dof/(dof+t^2)}(dof/2, 1/2) / 2."""
-  t2 = t * t
-  return 0.5 * _betainc(0.5 * dof, 0.5, dof / (dof + t2), t2 / (dof + t2))
-
-
-def _t_pdf(t: float, dof: float) -> float:
-  log_pdf = (
-      -_log_gamma_ratio(0.5 * dof, 0.5)
-      - 0.5 * math.log(dof * math.pi)
-      - 0.5 * (dof + 1.0) * math.log1p(t * t / dof)
-  )
-  return math.exp(log_pdf)
-
-
-def _t_upper_quantile(q: float, dof: float) -> float:
-  """The t >= 0 with P(T > t) = q, for 0 < q < 1/2.
-
-  Newton's method on the tail, kept inside a bracket [lo, hi] around the root:
-  a step that would leave the bracket is replaced by bisection. The tail is convex
-  and decreasing for t > 0, so Newton converges monotonically once left of the root.
-  """
-  lo, hi = 0.0, 1.0
-  while (
-      _t_upper_tail(hi, dof) > q
-  ):  # heavy tails (dof ~ 1, small q) put t far out
-    lo, hi = hi, 2.0 * hi
-    if not math.isfinite(hi * hi):
-      return math.inf
-  t = 0.5 * (lo + hi)
-  for _ in range(_SOLVE_MAX_ITER):
-    excess = _t_upper_tail(t, dof) - q
-    if excess == 0.0:
-      return t
-    if excess > 0.0:
-      lo = t  # the tail beyond t is still too large: the root is further out
-    else:
-      hi = t
-    pdf = _t_pdf(t, dof)
-    t_new = t + excess / pdf if pdf > 0.0 else math.nan
-    if not lo < t_new < hi:
-      t_new = 0.5 * (lo + hi)
-    if abs(t_new - t) <= 1e-14 * t_new or hi - lo <= 4.0 * _EPS * hi:
-      return t_new
-    t = t_new
-  return t
-
-
-def t_quantile(p: float, dof: float) -> float:
-  """The p-quantile of Student's t distribution with ``dof`` degrees of freedom.
-
-  Args:
-    p: probability in [0, 1] (0 and 1 give -inf and +inf).
-    dof: degrees of freedom, any real > 0 (not only integers).
-
-  Returns:
-    t with P(T <= t) = p (float64; within ~1e-11 relative of scipy.stats.t.ppf
-    for dof up to 1e6, within ~1e-12 up to dof 1e5).
-  """
-  p, dof = float(p), float(dof)
-  if not 0.0 <= p <= 1.0:
-    raise ValueError(f"t_quantile: p must lie in [0, 1], got {p}")
-  if not (math.isfinite(dof) and dof > 0.0):
-    raise ValueError(f"t_quantile: dof must be a finite number > 0, got {dof}")
-  if p == 0.5:
-    return 0.0
-  if p in (0.0, 1.0):
-    return math.copysign(math.inf, p - 0.5)
-  # Solve for the smaller tail: min(p, 1 - p) is exact where p itself is tiny.
-  t = _t_upper_quantile(min(p, 1.0 - p), dof)
-  return t if p > 0.5 else -t
-
 
 @functools.lru_cache(maxsize=256)
 def _t975(dof: int) -> float:
-  # aggregate() asks for the same few dofs (members - 1) for thousands of cells.
-  return t_quantile(0.975, dof)
+  """The 0.975 quantile of Student's t with ``dof`` degrees of freedom.
+
+  Cached: ``aggregate`` asks for the same few dofs (members - 1) for thousands
+  of cells.
+  """
+  return float(scipy.stats.t.ppf(0.975, dof))
 
 
 # ----------------------------------------------------------------------------

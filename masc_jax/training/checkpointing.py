@@ -12,6 +12,10 @@ complete, so a process killed mid-save leaves no checkpoint that looks
 finished. A finished checkpoint can still be damaged later (a truncated or
 deleted file): ``restore_latest_good`` then reports it, moves it aside to
 ``checkpoints/bad/`` and tries the previous one.
+
+Every model of a run has a leading member axis (``[1, ...]`` for a single
+run). Older versions saved a single run without it: such a checkpoint (every
+leaf the shape wanted without its leading 1) is restored with the axis added.
 """
 
 from __future__ import annotations
@@ -69,6 +73,31 @@ def leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
       ".".join(_key_name(k) for k in path): tuple(leaf.shape)
       for path, leaf in flat
   }
+
+
+def lacks_leading_axis(
+    saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]
+) -> bool:
+  """Whether every wanted leaf is ``[1, *saved]``: the same models saved without that axis."""
+  return saved.keys() == wanted.keys() and all(
+      wanted[name][:1] == (1,) and wanted[name][1:] == shape
+      for name, shape in saved.items()
+  )
+
+
+def _without_leading_axis(abstract: PyTree, shardings: PyTree | None):
+  """``abstract`` and ``shardings`` of the leaves without their leading axis."""
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), abstract
+  )
+  if shardings is not None:
+    shardings = jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(
+            s.mesh, jax.sharding.PartitionSpec(*tuple(s.spec)[1:])
+        ),
+        shardings,
+    )
+  return abstract, shardings
 
 
 def mismatch(
@@ -136,9 +165,17 @@ class Checkpointer:
       raise _write_error(self.directory, e) from e
 
   def restore(
-      self, step: int, abstract_state: PyTree, shardings: PyTree | None = None
+      self,
+      step: int,
+      abstract_state: PyTree,
+      shardings: PyTree | None = None,
+      log=logging.warning,
   ) -> tuple[PyTree, dict]:
     """Restore one step into ``abstract_state``'s structure (and shardings).
+
+    A checkpoint whose leaves all lack ``abstract_state``'s leading axis of
+    size 1 (a single run saved before runs carried a member axis) is restored
+    with that axis added (and reported through ``log``).
 
     Raises:
       CheckpointMismatchError: the checkpoint holds models of other shapes.
@@ -147,10 +184,21 @@ class Checkpointer:
     # Compare shapes from the metadata first: a clear message, and no read of
     # arrays that cannot fit.
     saved = leaf_shapes(self._manager.item_metadata(step)["state"])
-    problem = mismatch(saved, leaf_shapes(abstract_state))
+    wanted = leaf_shapes(abstract_state)
+    add_axis = lacks_leading_axis(saved, wanted)
+    problem = None if add_axis else mismatch(saved, wanted)
     if problem is not None:
       raise CheckpointMismatchError(
           f"checkpoint {step} does not fit this config: {problem}"
+      )
+    target_shardings = shardings
+    if add_axis:
+      log(
+          f"checkpoint {step} holds one run without a member axis (an older "
+          "version's): restored as a run of one member"
+      )
+      abstract_state, shardings = _without_leading_axis(
+          abstract_state, shardings
       )
     if shardings is not None:
       target = jax.tree.map(
@@ -169,6 +217,11 @@ class Checkpointer:
     state, meta = restored["state"], restored["meta"]
     if not isinstance(meta, dict) or "stage" not in meta:
       raise ValueError(f"checkpoint {step} has no run position in its metadata")
+    if add_axis:
+      state = jax.jit(
+          lambda tree: jax.tree.map(lambda x: x[None], tree),
+          out_shardings=target_shardings,
+      )(state)
     return state, meta
 
   def restore_latest_good(
@@ -193,7 +246,7 @@ class Checkpointer:
     problems = []
     for step in reversed(steps):
       try:
-        state, meta = self.restore(step, abstract_state, shardings)
+        state, meta = self.restore(step, abstract_state, shardings, log)
         return step, state, meta
       except CheckpointMismatchError as e:
         problems.append(str(e))

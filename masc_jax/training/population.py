@@ -3,13 +3,20 @@
 ``--config.seeds=0,1,2,3,4`` trains P societies, each with its own
 initialisation and data order; ``--config.sweep='loss.align_weight=0.05,0.1;
 optim.learning_rate=0.01,0.05'`` crosses a grid of numeric settings with the
-seeds. Every model then carries a leading *member* axis ``[P, ...]`` and each
-stage compiles one step for all members: the swept values are per-member
-arrays inside that step (``hparams``), so one compile serves the whole grid.
+seeds. Every run carries a leading *member* axis ``[P, ...]`` on every model,
+batch and key: a single run is a population of one (P = 1). The swept values
+are per-member arrays (``hparams``), so one compile serves the whole grid.
+
+How the member axis is mapped is decided here, behind one interface
+(``MemberAxis.compile_step``, ``MemberAxis.init``): one program for all members
+(``vmap``, ``unroll``: a ``WholeStep``), or one member's compiled program run
+for each member in turn (``loop``, ``threads``: ``MembersInTurn``). The training
+loop calls both the same way.
 
 Member p computes what a single run of ``config_lib.member_config(config, members[p])``
-computes (the members and their configs are read from the config by ``config_lib``). A population of one (one seed, no sweep) is that plain run, with no
-member axis at all.
+computes (the members and their configs are read from the config by
+``config_lib``); run in turn, exactly (the same program). A population of one
+runs in turn by default: its one member's own program, which is the single run.
 
     members = config_lib.members_of(config)        # grid x seeds, in that order
     axis = MemberAxis(members, strategy="vmap")
@@ -49,9 +56,13 @@ def threads_possible() -> bool:
 
 
 def resolve_member_map(
-    strategy: str, backend: str | None = None, threads_ok: bool | None = None
+    strategy: str,
+    backend: str | None = None,
+    threads_ok: bool | None = None,
+    num_members: int | None = None,
 ) -> str:
-  """``auto`` -> ``vmap`` on TPU/GPU; on CPU ``threads`` where possible, else ``loop``.
+  """``auto`` -> ``loop`` for one member; else ``vmap`` on TPU/GPU, on CPU ``threads``
+  where possible, else ``loop``.
 
   ``vmap``: one batched program (the member axis can be split over devices).
   ``unroll``: P copies of a member's program in one. ``loop``: a member's
@@ -59,6 +70,10 @@ def resolve_member_map(
   ``threads``: the same programs, the members' steps run side by side on host
   threads (one CPU device in one process: ``threads_possible``). BUILD_NOTES.md
   "Design: populations" has the measurements.
+
+  ``num_members``: the population's size (None: several). One member runs its
+  own program (``loop``) on every backend: that is the single run's program,
+  and a batched program of one member would only round differently.
   """
   if strategy not in config_lib.MEMBER_MAP_STRATEGIES:
     raise ValueError(
@@ -73,6 +88,8 @@ def resolve_member_map(
     )
   if strategy != "auto":
     return strategy
+  if num_members == 1:
+    return config_lib.LOOP
   # On TPU/GPU one batched program keeps the device full. On XLA:CPU a vmapped
   # convolution with per-member kernels becomes a slow grouped convolution and P
   # unrolled copies multiply the compile time; measured on digits, 3 seeds
@@ -85,12 +102,13 @@ def resolve_member_map(
 
 
 class MemberAxis:
-  """The leading member axis of a population, or no axis for a plain run.
+  """The leading member axis ``[P, ...]`` of every run (P = 1 for a single seed).
 
-  Code written against this class runs both: ``map(fn)`` maps ``fn`` over the
-  member axis of its arguments (``vmap`` or unrolled copies), or calls it
-  directly for a plain run; ``keys``, ``fold_in``, ``batches`` and ``hparams``
-  build the per-member inputs.
+  ``keys``, ``fold_in``, ``batches`` and ``hparams`` build the per-member
+  inputs; ``map(fn)`` maps ``fn`` over the member axis inside one program;
+  ``compile_step`` and ``init`` decide how a stage's step and the initial
+  state are run over the members (one program, or each member's own program
+  in turn) and hide which.
   """
 
   def __init__(
@@ -99,27 +117,24 @@ class MemberAxis:
     if not members:
       raise ValueError("a population needs at least one member")
     self.members = tuple(members)
-    self.strategy = resolve_member_map(strategy)
+    self.strategy = resolve_member_map(strategy, num_members=len(self.members))
     self.swept = tuple(field for field, _ in self.members[0].settings)
+    self._in_turn = self.strategy in config_lib.IN_TURN
 
   @property
   def size(self) -> int:
     return len(self.members)
 
   @property
-  def is_population(self) -> bool:
-    """Whether arrays carry a member axis (more than one member)."""
-    return self.size > 1
+  def mesh_members(self) -> int:
+    """How many members the mesh's member axis holds side by side.
 
-  @property
-  def runs_in_turn(self) -> bool:
-    """A population whose members each run one member's compiled program (``loop``, ``threads``)."""
-    return self.is_population and self.strategy in config_lib.IN_TURN
+    1 when members run in turn: each member's program uses every device.
+    """
+    return 1 if self._in_turn else self.size
 
-  def hparams(self) -> dict[str, Any]:
-    """Swept field -> ``[P]`` float32 values (``{}`` without a sweep; plain run: floats)."""
-    if not self.is_population:
-      return dict(self.members[0].settings)
+  def hparams(self) -> dict[str, np.ndarray]:
+    """Swept field -> ``[P]`` float32 values (``{}`` without a sweep)."""
     return {
         field: np.asarray(
             [dict(m.settings)[field] for m in self.members], np.float32
@@ -131,47 +146,103 @@ class MemberAxis:
     """Each swept setting once, in member order."""
     return [dict(s) for s in dict.fromkeys(m.settings for m in self.members)]
 
-  def batches(self, make: Callable[[config_lib.Member], Any]) -> Any:
-    """``make(member)`` (a batch order, ``batches.AgentBatches`` or ``PooledBatches``) per member.
-
-    Plain run: the one order. Population: one whose ``indices(step)`` stacks the
-    members' indices ``[P, ...]``.
+  def batches(self, make: Callable[[config_lib.Member], Any]) -> StackedBatches:
+    """``make(member)`` (a batch order, ``batches.AgentBatches`` or ``PooledBatches``) per
+    member, as one order whose ``indices(step)`` stacks the members' ``[P, ...]``.
     """
-    orders = [make(m) for m in self.members]
-    return orders[0] if not self.is_population else StackedBatches(orders)
+    return StackedBatches([make(m) for m in self.members])
 
   def fold_in(self, keys: jax.Array, data: int) -> jax.Array:
-    """``jax.random.fold_in`` of every member's key (``[P]`` keys, or one)."""
-    if not self.is_population:
-      return jax.random.fold_in(keys, data)
+    """``jax.random.fold_in`` of every member's key (``[P]`` keys)."""
     return _fold_in_members(keys, data)
 
   def keys(self, make: Callable[[int], jax.Array]) -> jax.Array:
-    """``make(seed)`` per member: a ``[P]`` key array (plain run: one key)."""
-    keys = [make(m.seed) for m in self.members]
-    return jax.numpy.stack(keys) if self.is_population else keys[0]
+    """``make(seed)`` per member, stacked: ``[P, ...]`` keys."""
+    return jax.numpy.stack([make(m.seed) for m in self.members])
 
   def map(
       self,
       fn: Callable[..., Any],
       in_axes: int | None | Sequence[int | None] = 0,
   ) -> Callable[..., Any]:
-    """``fn`` over the member axis (``in_axes`` as in ``jax.vmap``); a plain run calls ``fn``.
+    """``fn`` over the member axis inside one program (``in_axes`` as in ``jax.vmap``).
 
-    Inside one program: ``loop`` and ``threads`` map as ``unroll`` here (a step
-    runs its members through ``train.compile_stage``'s ``MembersInTurn`` instead).
+    Members in turn (``loop``, ``threads``) map as ``unroll`` here: their
+    stage steps run through ``compile_step``'s ``MembersInTurn`` instead.
     """
-    if not self.is_population:
-      return fn
-    strategy = "unroll" if self.runs_in_turn else self.strategy
+    strategy = "unroll" if self._in_turn else self.strategy
     return agents.agent_map(fn, in_axes=in_axes, strategy=strategy)
 
+  def compile_step(
+      self,
+      member_step: Callable,
+      constrain: Callable[[Callable, bool], Callable],
+      example: tuple,
+      frozen: PyTree,
+      hparams: PyTree,
+  ) -> MembersInTurn | WholeStep:
+    """A stage's step over the members, compiled ahead of time for ``example``.
+
+    Args:
+      member_step: ``(state, batch, rng, frozen, settings) -> (state, metrics)`` of
+        one member.
+      constrain: ``constrain(step_fn, member_axis)``: ``step_fn`` with its outputs
+        placed on the mesh, for states with (True) or without (False) the member
+        axis.
+      example: ``(state, batch, rng)``, stacked ``[P, ...]``: the shapes to compile for.
+      frozen, hparams: stacked ``[P, ...]`` frozen models and swept settings.
+
+    Returns:
+      A step with ``step_members``, ``unstack``, ``stack`` and ``ready`` (see
+      ``MembersInTurn``). In turn: each member's own program (one compile), its
+      state donated. Otherwise one program for all members (``map``), the
+      stacked state donated.
+    """
+    if self._in_turn:
+      jitted = jax.jit(constrain(member_step, False), donate_argnums=(0,))
+      return MembersInTurn(
+          jitted,
+          example,
+          frozen,
+          hparams,
+          self.size,
+          threads=self.strategy == config_lib.THREADS,
+      )
+    jitted = jax.jit(
+        constrain(self.map(member_step), True), donate_argnums=(0,)
+    )
+    compiled = jitted.lower(*example, frozen, hparams).compile()
+    one_at_a_time = (
+        sharding.one_program_at_a_time()
+    )  # several CPU devices: see there
+
+    def step(model_state, batch, rng, frozen):
+      out = compiled(model_state, batch, rng, frozen, hparams)
+      return jax.block_until_ready(out) if one_at_a_time else out
+
+    return WholeStep(step)
+
+  def init(
+      self,
+      init_member: Callable[[jax.Array, dict], PyTree],
+      keys: jax.Array,
+      shardings: PyTree,
+  ) -> PyTree:
+    """Every member's ``init_member(key, settings)``, stacked ``[P, ...]`` with ``shardings``.
+
+    In turn: one member's init compiled once and called per member, not P
+    copies of it in one program.
+    """
+    hparams = self.hparams()
+    if self._in_turn:
+      return init_in_turn(init_member, keys, hparams, shardings)
+    return jax.jit(
+        lambda: self.map(init_member)(keys, hparams), out_shardings=shardings
+    )()
+
   def nonfinite_members(self, finite: np.ndarray) -> list[config_lib.Member]:
-    """The members whose entry of ``finite`` (``[P, ...]`` bool, or a scalar) is false."""
-    finite = np.asarray(finite)
-    if not self.is_population:
-      return [] if finite.all() else [self.members[0]]
-    flat = finite.reshape(self.size, -1).all(axis=1)
+    """The members whose entries of ``finite`` (``[P, ...]`` bool) are not all true."""
+    flat = np.asarray(finite).reshape(self.size, -1).all(axis=1)
     return [m for m, ok in zip(self.members, flat) if not ok]
 
 
@@ -195,7 +266,7 @@ class StackedBatches:
 
 
 class MembersInTurn:
-  """A population's stage step that runs one member's compiled step for each member.
+  """A stage step that runs one member's compiled step for each member (``loop``, ``threads``).
 
   One compile (a member's program) serves every member, and each member runs
   exactly the program a single run would (bit-identical results): on XLA:CPU
@@ -357,7 +428,9 @@ def _metrics_of(step: dict | Pending) -> dict:
 
 
 class WholeStep:
-  """A stage step with ``MembersInTurn``'s interface whose state is one pytree (no member loop)."""
+  """A stage step with ``MembersInTurn``'s interface: one program for every member (``vmap``,
+  ``unroll``), its state one stacked pytree (``unstack`` and ``stack`` return it as it is).
+  """
 
   def __init__(self, step: Callable):
     self._step = step
@@ -381,9 +454,10 @@ class WholeStep:
 
 
 def stack_member_metrics(metrics: dict | Sequence[dict | Pending]) -> dict:
-  """A step's metrics as one dict: P members' (``step_members``) -> ``[P]`` host arrays.
+  """A step's metrics as one dict of ``[P]`` values.
 
-  A plain dict (one program's step) is returned as it is.
+  Members in turn give P dicts (``step_members``): stacked into host arrays. A
+  ``WholeStep``'s dict of ``[P]`` arrays is returned as it is.
   """
   if isinstance(metrics, dict):
     return metrics

@@ -45,9 +45,7 @@ class Society:
   train_labels: jax.Array  # [N] int32
   test_images: jax.Array
   strategy: str
-  members: (
-      population.MemberAxis
-  )  # the population (one member: a plain run, no member axis)
+  members: population.MemberAxis  # the population (a single run: one member)
 
   @property
   def num_agents(self) -> int:
@@ -91,13 +89,11 @@ def build_society(
     )
   except config_lib.PopulationError as e:
     raise config_lib.ConfigError(str(e)) from None
-  # Members each run one member's program (``loop``, ``threads``) on the same devices: no
-  # member axis in the mesh.
   mesh = sharding.make_mesh(
       config.num_agents,
       config.num_devices,
       config.agent_axis_size,
-      num_members=1 if members.strategy in config_lib.IN_TURN else members.size,
+      num_members=members.mesh_members,
   )
 
   expert = network.make_network(

@@ -32,7 +32,7 @@ class StepLog:
       global_offset: int,
       log: Callable[[str], None],
       metrics_log: progress.MetricsLogger,
-      members: population.MemberAxis | None = None,
+      members: population.MemberAxis,
   ):
     self.stage, self.total, self.every, self.members = (
         stage,
@@ -50,6 +50,7 @@ class StepLog:
       step: int,
       metrics: dict[str, jax.Array] | list[dict[str, jax.Array]],
   ) -> None:
+    """A step's metrics: a dict of ``[P]`` values, or P members' dicts (members in turn)."""
     self.pending.append((step, metrics))
     self.steps_since_log += 1
 
@@ -60,24 +61,23 @@ class StepLog:
     """Fetch the pending metrics, stop on a non-finite term, log the newest."""
     if not self.pending:
       return
-    # Members in turn log P metrics per step (dicts, or steps still running on the
-    # members' threads): one dict of [P] arrays.
+    # One dict of [P] arrays per step (members in turn give P dicts, or steps still
+    # running on the members' threads).
     stacked = [(s, population.stack_member_metrics(m)) for s, m in self.pending]
     fetched, self.pending = jax.device_get(stacked), []
     stage = self.stage
     for s, m in fetched:
       for term, value in m.items():
         if not np.all(np.isfinite(value)):
-          whose = ""
-          if self.members is not None and self.members.is_population:
-            # Name the member(s) by seed and swept settings: the others are fine.
-            bad = self.members.nonfinite_members(np.isfinite(value))
-            whose = f" of member {'; '.join(m.describe() for m in bad)}"
+          # Name the member(s) by seed and swept settings: the others are fine.
+          bad = self.members.nonfinite_members(np.isfinite(value))
+          whose = f" of member {'; '.join(m.describe() for m in bad)}"
           raise NonFiniteLossError(
               f"non-finite loss term '{term}'{whose} in stage {stage} at step {s} "
               f"(global step {self.global_offset + s}); stopping. The last good checkpoint is "
               "kept; lower the learning rate or set --config.optim.grad_clip_norm"
           )
+    # The mean over members (a single run's one value).
     terms = {t: float(np.mean(v)) for t, v in fetched[-1][1].items()}
     now = time.perf_counter()
     elapsed = max(now - self.t_log, 1e-9)

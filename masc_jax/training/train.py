@@ -6,17 +6,19 @@ models, batches, steps and result rows come from the stage table
 device, class groups, networks, mesh), initialises or restores every model,
 compiles each stage's step for the mesh, runs it with checkpoints, logs and
 NaN checks, evaluates after each stage, and writes results.json / results.md /
-report.png.
+report.png. Observers (fault injection in the tests) attach through
+``hooks.RunHooks``: the loop calls them at named points.
 
 Everything a resume needs is in the checkpoint: every model's state and the
 run position (stage, step). Data order and step keys are pure functions of
 (seed, stage, step), so a resumed run repeats the uninterrupted one exactly.
 
-A population (``config.seeds``, ``config.sweep``; ``masc_jax.training.population``) runs
-through the same code: every model, batch and key carries a leading member axis
-``[P, ...]``, each stage's step is mapped over it (``society.members.map``) with
-the swept settings as per-member arrays, and the results are each member's plus
-their statistics. A plain run has no member axis.
+Every run is a population (``config.seeds``, ``config.sweep``;
+``masc_jax.training.population``), a single seed one of one member: every model,
+batch and key carries a leading member axis ``[P, ...]``, each stage's step runs
+over it (``society.members.compile_step``) with the swept settings as
+per-member arrays, and the results are each member's plus their statistics
+(``masc_jax.reporting.report`` has the format).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import numpy as np
 
 from masc_jax.method import agents, routing, steps
 from masc_jax.data import augment
-from masc_jax.training import checkpointing, evaluation, faults, population, protocol, workdir as workdir_lib
-from masc_jax import config_lib, paths
-from masc_jax.reporting import plots, population_report, stats, progress, report, routing_diagnostics
+from masc_jax.training import checkpointing, evaluation, hooks as hooks_lib, protocol, workdir as workdir_lib
+from masc_jax import paths
+from masc_jax.reporting import plots, stats, progress, report, routing_diagnostics
 from masc_jax.parallel import sharding
 from masc_jax.training.step_log import NonFiniteLossError, StepLog
 from masc_jax.training.protocol import StageSpec
@@ -124,18 +126,17 @@ def init_population_state(
 
 
 def state_shardings(
-    society: Society, abstract_state: PyTree, member_axis: bool | None = None
+    society: Society, abstract_state: PyTree, member_axis: bool = True
 ) -> PyTree:
   """Stacked models along the agent axis; the collectives replicated (members split).
 
-  ``member_axis=False``: the shardings of one member's state (default: the
-  population's arrays have a member axis).
+  ``member_axis=False``: the shardings of one member's state (a member's own
+  program, ``population.MembersInTurn``).
   """
   mesh = society.mesh
-  pop = society.members.is_population if member_axis is None else member_axis
   placement = {
-      protocol.STACKED: sharding.stacked(mesh, pop),
-      protocol.REPLICATED: sharding.replicated(mesh, pop),
+      protocol.STACKED: sharding.stacked(mesh, member_axis),
+      protocol.REPLICATED: sharding.replicated(mesh, member_axis),
   }
   return {
       name: sharding.tree_sharding(
@@ -157,9 +158,7 @@ def batch_source(
       if spec.batches == protocol.PER_AGENT
       else sharding.pooled_batch
   )
-  batch_sharding = place(
-      society.mesh, society.config.batch_size, society.members.is_population
-  )
+  batch_sharding = place(society.mesh, society.config.batch_size, True)
   indices = protocol.batches_of(society, spec).indices
 
   @functools.partial(jax.jit, out_shardings=batch_sharding)
@@ -178,26 +177,22 @@ def compile_stage(
     start_step: int,
     stage_key: jax.Array,
 ):
-  """The stage's step, jit-compiled ahead of time for the mesh.
+  """The stage's step over every member, jit-compiled ahead of time for the mesh.
 
-  Returns ``(compiled, frozen, get_batch)``: call ``compiled(state[spec.name],
-  get_batch(step), members.fold_in(stage_key, step), frozen)``. The trained
-  state is donated, and constrained to keep its sharding (stacked along the
-  agent axis, or replicated for a collective). A population's step maps the
-  member step over the member axis, with the swept settings bound as arrays;
-  members in turn (``loop``, ``threads``) get a ``population.MembersInTurn``.
-  Either way ``compiled`` also has ``unstack``, ``step_members`` and ``stack``
-  (the training loop's way: members' states kept apart within a stage; for one
-  program ``unstack`` and ``stack`` return the state as it is).
+  Returns ``(compiled, frozen, get_batch)``: call
+  ``compiled.step_members(compiled.unstack(state[spec.name]), get_batch(step),
+  members.fold_in(stage_key, step), frozen)``, and ``compiled.stack`` the
+  states for a checkpoint and at the stage's end (the training loop's way:
+  members that run in turn keep their states apart within a stage);
+  ``compiled(state, batch, rng, frozen)`` steps the stacked state. How the
+  members are mapped (one program, or each member's own program in turn) is
+  ``society.members.compile_step``'s choice. The trained state is donated,
+  and constrained to keep its sharding (stacked along the agent axis, or
+  replicated for a collective); the swept settings are per-member arrays.
   """
   members = society.members
   get_batch = batch_source(society, spec)
-  looped = members.runs_in_turn
-  shardings = state_shardings(
-      society,
-      {spec.name: state[spec.name]},
-      member_axis=None if not looped else False,
-  )[spec.name]
+  replicated = sharding.replicated(society.mesh)
 
   def member_step(model_state, batch, rng, frozen, settings):
     # Built inside the trace: a swept setting is a traced value of this member.
@@ -205,46 +200,31 @@ def compile_stage(
         model_state, batch, rng, frozen
     )
 
-  step_fn = member_step if looped else members.map(member_step)
-  replicated = sharding.replicated(society.mesh)
+  def constrain(step_fn, member_axis):
+    shardings = state_shardings(
+        society, {spec.name: state[spec.name]}, member_axis
+    )[spec.name]
 
-  def constrained(model_state, batch, rng, frozen, hparams):
-    new_state, metrics = step_fn(model_state, batch, rng, frozen, hparams)
-    # Metrics replicated: a few numbers, and every process of a multi-process run
-    # must be able to read them for the log and the NaN check.
-    return (
-        jax.lax.with_sharding_constraint(new_state, shardings),
-        jax.lax.with_sharding_constraint(metrics, replicated),
-    )
+    def constrained(model_state, batch, rng, frozen, hparams):
+      new_state, metrics = step_fn(model_state, batch, rng, frozen, hparams)
+      # Metrics replicated: a few numbers, and every process of a multi-process run
+      # must be able to read them for the log and the NaN check.
+      return (
+          jax.lax.with_sharding_constraint(new_state, shardings),
+          jax.lax.with_sharding_constraint(metrics, replicated),
+      )
+
+    return constrained
 
   frozen = frozen_inputs(society, spec, state)
   hparams = jax.device_put(members.hparams(), replicated)
-  jitted = jax.jit(constrained, donate_argnums=(0,))
   example = (
       state[spec.name],
       get_batch(start_step),
       members.fold_in(stage_key, start_step),
   )
-  if looped:
-    step = population.MembersInTurn(
-        jitted,
-        example,
-        frozen,
-        hparams,
-        members.size,
-        threads=members.strategy == config_lib.THREADS,
-    )
-    return step, frozen, get_batch
-  compiled = jitted.lower(*example, frozen, hparams).compile()
-  one_at_a_time = (
-      sharding.one_program_at_a_time()
-  )  # several CPU devices: see there
-
-  def step(model_state, batch, rng, frozen):
-    out = compiled(model_state, batch, rng, frozen, hparams)
-    return jax.block_until_ready(out) if one_at_a_time else out
-
-  return population.WholeStep(step), frozen, get_batch
+  step = members.compile_step(member_step, constrain, example, frozen, hparams)
+  return step, frozen, get_batch
 
 
 def frozen_inputs(
@@ -279,9 +259,14 @@ class Run:
   """One run in one workdir: trains the remaining stages, evaluates, reports."""
 
   def __init__(
-      self, society: Society, workdir: str, log: Callable[[str], None] = print
+      self,
+      society: Society,
+      workdir: str,
+      log: Callable[[str], None] = print,
+      hooks: hooks_lib.RunHooks | None = None,
   ):
     self.society = society
+    self.hooks = hooks or hooks_lib.RunHooks()
     self.config = society.config
     self.workdir = workdir
     self.is_writer = jax.process_index() == 0
@@ -302,9 +287,9 @@ class Run:
     self.members = society.members
     keys = self.members.keys(
         lambda seed: jax.random.split(jax.random.key(seed))
-    )  # [(P,) 2]
+    )  # [P, 2]
     self.init_key, self.train_key = keys[..., 0], keys[..., 1]
-    # [P] for a population; replicated, so every process can read it.
+    # [P]; replicated, so every process can read it.
     self._finite = jax.jit(
         self.members.map(_all_finite),
         out_shardings=sharding.replicated(society.mesh),
@@ -320,7 +305,7 @@ class Run:
         abstract, shardings, log=self.log
     )
     if restored is None:
-      state = self.fresh_state(init, shardings)
+      state = self.fresh_state(shardings)
       return state, {
           "stage": self.names[0],
           "stage_step": 0,
@@ -333,36 +318,22 @@ class Run:
     )
     return state, meta
 
-  def fresh_state(
-      self, init: Callable[[], PyTree], shardings: PyTree
-  ) -> PyTree:
-    """Every model freshly initialised, placed with ``shardings``.
-
-    Members run in turn (``loop``): one member's init compiled once and called
-    per member, not P copies of it in one program.
-    """
-    members = self.members
-    if not members.runs_in_turn:
-      return jax.jit(init, out_shardings=shardings)()
-    return population.init_in_turn(
+  def fresh_state(self, shardings: PyTree) -> PyTree:
+    """Every member's models freshly initialised ``[P, ...]``, placed with ``shardings``."""
+    return self.members.init(
         lambda key, settings: init_run_state(
             self.society.with_settings(settings), key
         ),
         self.init_key,
-        members.hparams(),
         shardings,
     )
 
   def save(self, state: dict, meta: dict) -> None:
     bad = self.members.nonfinite_members(jax.device_get(self._finite(state)))
     if bad:
-      whose = (
-          f" of {'; '.join(m.describe() for m in bad)}"
-          if self.members.is_population
-          else ""
-      )
+      whose = "; ".join(m.describe() for m in bad)
       raise NonFiniteLossError(
-          f"refusing to checkpoint non-finite parameters{whose} in stage {meta['stage']} at step "
+          f"refusing to checkpoint non-finite parameters of {whose} in stage {meta['stage']} at step "
           f"{meta['stage_step']}; the last good checkpoint is kept"
       )
     self.checkpointer.save(
@@ -405,7 +376,8 @@ class Run:
         society, spec, state, start, stage_key
     )
     compile_s = time.perf_counter() - t0
-    faults.reach("compiled", name)
+    self.hooks.reached("compiled", name)
+    compiled = self.hooks.wrap_step(name, compiled)
     # A SIGTERM during the compile: stop before training (this position is saved).
     sigterm.poll()
     self.stop_if_preempted(
@@ -430,14 +402,6 @@ class Run:
     model_state = compiled.unstack(state[name])
     t_start = time.perf_counter()
     for step in range(start, total):
-      if self.offsets[name] + step == config.debug_nan_step:
-        # Fault injection (tests): poison the parameters as a diverged step would.
-        whole = compiled.stack(model_state)
-        model_state = compiled.unstack(
-            whole.replace(
-                params=jax.tree.map(lambda p: p * jnp.nan, whole.params)
-            )
-        )
       model_state, metrics = compiled.step_members(
           model_state,
           get_batch(step),
@@ -446,7 +410,7 @@ class Run:
       )
       step_log.add(step, metrics)
       done = step + 1
-      faults.reach("step", name)
+      self.hooks.reached("step", name)
       if step_log.is_due(done):
         step_log.flush(done)
       if sigterm.poll() or (
@@ -503,11 +467,7 @@ class Run:
     )  # read on every process
     results = []
     for index, member in enumerate(members.members):
-      member_variables = (
-          jax.tree.map(lambda x: x[index], variables)
-          if members.is_population
-          else variables
-      )
+      member_variables = jax.tree.map(lambda x: x[index], variables)
       settings = dict(member.settings)
       predictions = evaluation.predict_all(
           lambda v, images: predict(v, settings, images),
@@ -525,7 +485,7 @@ class Run:
               collectives=[spec.collective] if spec.collective else [],
           )
       )
-    faults.reach("evaluated", spec.name)
+    self.hooks.reached("evaluated", spec.name)
     return results
 
   def finish_stage(self, spec: StageSpec, state: dict, meta: dict) -> dict:
@@ -557,28 +517,23 @@ class Run:
         "stage_step": 0,
         "evaluations": evaluations,
     }
-    if meta["stage"] == DONE:
-      # A run resumed from a checkpoint of an older version may lack some stages' evaluations.
-      per_stage = [
-          evaluations.get(s.name) or self.evaluate_stage(state, s)
-          for s in self.specs
-      ]
-      merged = [evaluation.merge_results(member) for member in zip(*per_stage)]
-      meta["results"] = self.final_results(merged, meta["timings"])
     return meta
 
-  def final_results(self, member_results: list[dict], timings: dict) -> dict:
-    """A plain run's results, or a population's: every member's and their statistics."""
+  def final_results(self, state: dict, meta: dict) -> dict:
+    """The run's results: every member's, their statistics, timings and config.
+
+    From the stages' evaluations kept in ``meta``; a stage whose evaluation is
+    missing (a checkpoint of an older version) is evaluated from ``state``.
+    """
+    evaluations = meta.get("evaluations", {})
+    per_stage = [
+        evaluations.get(s.name) or self.evaluate_stage(state, s)
+        for s in self.specs
+    ]
+    member_results = [
+        evaluation.merge_results(member) for member in zip(*per_stage)
+    ]
     rule, _ = routing.settings_from_config(self.config)
-    common = {
-        "timings": timings,
-        "stages": list(self.names),
-        "routing": rule,
-        "routing_margin": self.config.routing_margin,
-        "config": json.loads(self.config.to_json()),
-    }
-    if not self.members.is_population:
-      return {**member_results[0], **common}
     described = {
         "members": [m.as_dict() for m in self.members.members],
         "swept": list(self.members.swept),
@@ -587,7 +542,11 @@ class Run:
         "population": described,
         "members": member_results,
         "aggregate": stats.aggregate(member_results),
-        **common,
+        "timings": meta["timings"],
+        "stages": list(self.names),
+        "routing": rule,
+        "routing_margin": self.config.routing_margin,
+        "config": json.loads(self.config.to_json()),
     }
     if self.members.swept:
       results["sweep"] = stats.sweep_summary(described, member_results)
@@ -596,7 +555,6 @@ class Run:
   # -- the whole run
 
   def run(self) -> dict:
-    faults.install_commit_hook()
     for note in sharding.describe_layout(
         self.society.mesh, self.config.batch_size
     ):
@@ -605,71 +563,52 @@ class Run:
     if meta["stage"] == DONE:
       # Finished before; a kill after the last checkpoint may have cut the reports short.
       self.log("this run is finished; its results:")
-      self.report(meta["results"], only_missing=True)
-      return meta["results"]
+      results = self.final_results(state, meta)
+      self.report(results, only_missing=True)
+      return results
     with workdir_lib.SigtermFlag() as sigterm:
       for spec in self.specs[self.names.index(meta["stage"]) :]:
         state = self.train_stage(spec, state, meta, sigterm)
         meta = self.finish_stage(spec, state, meta)
         self.save(state, meta)
-        faults.reach("stage_saved", spec.name)
+        self.hooks.reached("stage_saved", spec.name)
         sigterm.poll()
         self.stop_if_preempted(sigterm, state, meta)
     self.checkpointer.wait()
-    faults.reach("finished", self.names[-1])
+    self.hooks.reached("finished", self.names[-1])
     self.state = state
-    self.report(meta["results"])
-    return meta["results"]
+    results = self.final_results(state, meta)
+    self.report(results)
+    return results
 
   def report(self, results: dict, only_missing: bool = False) -> None:
     """results.json, results.md and the figures (process 0), and the table on the console.
 
     Figures: report.png; routing.png (free energies of each grown agent's head
-    and S; a population's first member); sweep.png for a sweep.
+    and S, of the first member); sweep.png for a sweep.
     """
-    is_population = "population" in results
-    first = results["members"][0] if is_population else results
-    figures = {
-        "report.png": (
-            population_report.plot_population_report
-            if is_population
-            else plots.plot_report,
-            results,
-        )
-    }
+    first = results["members"][0]
+    figures = {"report.png": (plots.plot_report, results)}
     if first.get("routing_diagnostics"):
-      title = (
-          f"routing of member {self.members.members[0].describe()}"
-          if is_population
-          else ""
-      )
       figures["routing.png"] = (
           functools.partial(
-              routing_diagnostics.plot_energy_histograms, title=title
+              routing_diagnostics.plot_energy_histograms,
+              title=f"routing of member {self.members.members[0].describe()}",
           ),
           first["routing_diagnostics"],
       )
     if "sweep" in results:
-      figures["sweep.png"] = (population_report.plot_sweep, results)
+      figures["sweep.png"] = (plots.plot_sweep, results)
     if self.is_writer:
       files = [
           paths.join(self.workdir, name)
           for name in ("results.json", "results.md", *figures)
       ]
       if not (only_missing and all(map(paths.exists, files))):
-        write = (
-            population_report.write_population_results
-            if is_population
-            else report.write_results
-        )
-        write(self.workdir, results)
+        report.write_results(self.workdir, results)
         for name, (plot, figure_data) in figures.items():
           plot(figure_data, paths.join(self.workdir, name))
-    self.log(
-        population_report.population_markdown(results)
-        if is_population
-        else report.results_markdown(results)
-    )
+    self.log(report.results_markdown(results))
 
   def close(self) -> None:
     self.checkpointer.close()
@@ -681,7 +620,7 @@ def stage_summary(
 ) -> dict[str, float]:
   """A few numbers for the stage-end line: its collective's accuracy, or its row's means.
 
-  For a population, the mean over members.
+  The mean over members.
   """
 
   def one(results):
@@ -712,11 +651,15 @@ def train_and_evaluate(
     *,
     allow_config_change: bool = False,
     log: Callable[[str], None] = print,
+    hooks: hooks_lib.RunHooks | None = None,
 ) -> dict:
   """Run (or resume, or re-report) the whole MASC protocol in ``workdir``.
 
   Every check (config, data, devices, the workdir and its saved config) happens
-  before anything is written. Returns the results dict (see ``reporting``).
+  before anything is written. Returns the results dict (the format of
+  ``masc_jax.reporting.report``: ``members`` holds each member's tables,
+  ``aggregate`` their statistics). ``hooks``: an observer of the run's named
+  points (``hooks.RunHooks``; ``faults.from_environment()`` in the tests).
   """
   society = build_society(config)
   workdir_lib.check_workdir(config, workdir, allow_config_change)
@@ -725,7 +668,7 @@ def train_and_evaluate(
       workdir_lib.atomic_write_json(
           paths.join(workdir, "config.json"), json.loads(config.to_json())
       )
-    run = Run(society, workdir, log=log)
+    run = Run(society, workdir, log=log, hooks=hooks)
     try:
       return run.run()
     finally:

@@ -35,12 +35,16 @@ RESULT_NEUTRAL_FIELDS = (
     "checkpoint_every_steps",
     "keep_checkpoints",
     "data_dir",
-    "debug_nan_step",
     "num_devices",
     "agent_axis_size",
     "agent_map",
     "member_map",
 )
+
+
+# Result-neutral fields that configs no longer have; a saved config.json may still
+# hold them (debug_nan_step: fault injection, now ``MASC_FAULT=NAN:...``).
+REMOVED_FIELDS = ("debug_nan_step",)
 
 
 class WorkdirError(RuntimeError):
@@ -69,7 +73,7 @@ def _result_fields(flat: dict[str, Any]) -> dict[str, Any]:
   return {
       k: v
       for k, v in flat.items()
-      if k.split(".")[0] not in RESULT_NEUTRAL_FIELDS
+      if k.split(".")[0] not in RESULT_NEUTRAL_FIELDS + REMOVED_FIELDS
   }
 
 
