@@ -138,7 +138,11 @@ def test_a_checkpoint_without_the_member_axis_resumes_to_the_same_results(
   )
 
   lines = []
-  results = train.train_and_evaluate(config, workdir, log=lines.append)
+  run = train.Run(society, workdir, log=lines.append)
+  try:
+    results = run.run()
+  finally:
+    run.close()
   assert any("restored as a run of one member" in l for l in lines), lines
   assert f"resumed from checkpoint {step}: stage altruism_ce, step 10" in lines
   assert not any(l.startswith("[collective]") for l in lines)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -308,9 +309,7 @@ class MembersInTurn:
       threads: run the members' steps side by side on host threads (``threads_possible``).
     """
     self.size = size
-    self._split = jax.jit(
-        lambda tree: [jax.tree.map(lambda x: x[p], tree) for p in range(size)]
-    )
+    self._split = _splitter(size)
     self._frozen_of, self._hparams_of = self._split(frozen), self._split(
         hparams
     )
@@ -405,6 +404,16 @@ class MembersInTurn:
   ) -> tuple[PyTree, dict]:
     states, metrics = self.step_members(self.unstack(model_state), batch, rng)
     return self.stack(states), _stack([_metrics_of(m) for m in metrics])
+
+
+@functools.lru_cache(maxsize=None)
+def _splitter(size: int) -> Callable[[PyTree], list[PyTree]]:
+  """``[P, ...]`` -> P member trees, one dispatch; one jit per P, so that every stage
+  (and every run in a process) reuses its compiled programs for trees it has seen.
+  """
+  return jax.jit(
+      lambda tree: [jax.tree.map(lambda x: x[p], tree) for p in range(size)]
+  )
 
 
 _AHEAD = 2  # steps the loop may dispatch ahead of a member's thread (bounds batches held)
