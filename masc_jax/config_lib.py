@@ -328,6 +328,15 @@ def _field_errors(config: ml_collections.ConfigDict) -> list[str]:
   positive_int("checkpoint_every_steps", config.checkpoint_every_steps)
   positive_int("keep_checkpoints", config.keep_checkpoints)
   need(
+      isinstance(config.tensorboard, bool),
+      f"tensorboard must be True or False, got {config.tensorboard!r}",
+  )
+  positive_int("eval_every_epochs", config.eval_every_epochs, minimum=0)
+  try:
+    parse_profile_steps(config.profile_steps)
+  except ValueError as e:
+    errors.append(str(e))
+  need(
       isinstance(config.data_dir, str),
       f"data_dir must be a path, got {config.data_dir!r}",
   )
@@ -341,6 +350,29 @@ def _field_errors(config: ml_collections.ConfigDict) -> list[str]:
         f"data_dir={config.data_dir} is not a directory",
     )
   return errors
+
+
+def parse_profile_steps(text: Any) -> tuple[int, int] | None:
+  """``config.profile_steps``: ``"START:COUNT"`` -> ``(START, COUNT)``; ``""`` -> None (off).
+
+  Raises:
+    ValueError: naming the field, for anything else.
+  """
+  if not isinstance(text, str):
+    raise ValueError(
+        f"profile_steps must be a string START:COUNT, got {text!r}"
+    )
+  if not text.strip():
+    return None
+  start, sep, count = text.strip().partition(":")
+  if not (sep and start.strip().isdigit() and count.strip().isdigit()):
+    raise ValueError(
+        "profile_steps must be START:COUNT (the first step to trace, from 0, "
+        f"and how many steps), e.g. 10:5, or empty (off); got {text!r}"
+    )
+  if int(count) < 1:
+    raise ValueError(f"profile_steps={text}: COUNT must be at least 1")
+  return int(start), int(count)
 
 
 def check_against_data(

@@ -171,14 +171,26 @@ def main(job: Job) -> None:
       arrays.DatasetNotPreparedError,
       workdir.WorkdirError,
       checkpointing.NoGoodCheckpointError,
-      checkpointing.CheckpointWriteError,
       step_log.NonFiniteLossError,
       sharding.MeshError,
   ) as e:
     _fail(str(e))
+  except checkpointing.CheckpointWriteError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # The failed save's futures would report themselves once more while the
+    # interpreter shuts down (asyncio: "exception was never retrieved"); every
+    # file is closed by now.
+    os._exit(2)
   except OSError as e:
     # The workdir's filesystem refused a write (read-only, full, gone).
     _fail(f"cannot write {e.filename or job.workdir}: {e.strerror or e}")
+  except KeyboardInterrupt:
+    # Ctrl-C outside the training loop (which saves and exits 130 itself).
+    _fail(
+        "interrupted (Ctrl-C); the same command resumes from the last checkpoint",
+        status=130,
+    )
   except Exception as e:  # noqa: BLE001 - a lost peer is one line; anything else a traceback
     lost = multihost.describe_lost_peer(e)
     if lost is None:

@@ -129,6 +129,20 @@ def test_a_gs_workdir_gets_every_file_and_the_local_disk_none(
   ]
   assert {r["stage"] for r in records} == {"experts", "collective", "altruism"}
   assert bucket.cat("/bucket/runs/tiny/report.png")[:4] == b"\x89PNG"
+  # TensorBoard's event files too, through the same path library, readable.
+  (events,) = [p for p in written if p.startswith("tensorboard/seed_0/events.")]
+  copy = tmp_path.parent / f"{tmp_path.name}_events"
+  copy.mkdir()
+  (copy / os.path.basename(events)).write_bytes(
+      bucket.cat(f"/bucket/runs/tiny/{events}")
+  )
+  from tensorboard.backend.event_processing import event_accumulator
+
+  accumulator = event_accumulator.EventAccumulator(str(copy))
+  accumulator.Reload()
+  assert {"experts/ce", "altruism/eval/expert"} <= set(
+      accumulator.Tags()["scalars"]
+  )
   # The saved-config guard reads the bucket: another result field is refused.
   other = config_lib.load_config("tiny", ["ablations=False", "seed=1"])
   with pytest.raises(workdir_lib.WorkdirError, match=r"seed: saved 0, now 1"):

@@ -14,6 +14,7 @@ import pytest
 
 from masc_jax.data import batches
 from masc_jax import config_lib
+from masc_jax.reporting import tensorboard_log
 from masc_jax.training import population, protocol, train, workdir as workdir_lib
 from masc_jax.training.society import build_society
 from masc_jax.training.step_log import NonFiniteLossError
@@ -321,6 +322,53 @@ def test_population_results_hold_every_member_and_their_statistics(
       "sweep.png",
   ):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+
+
+def test_each_member_has_its_own_tensorboard_run(trained_population):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  workdir, results, _ = trained_population
+  members = results["population"]["members"]
+  names = [tensorboard_log.run_name(m["seed"], m["settings"]) for m in members]
+  assert sorted(os.listdir(os.path.join(workdir, "tensorboard"))) == sorted(
+      names
+  )
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  last_ce = [r for r in records if r["stage"] == "collective" and "ce" in r][-1]
+  (altruism_end,) = [
+      r for r in records if r["stage"] == "altruism" and "eval" in r
+  ]
+  curves = []
+  for name in names:
+    accumulator = event_accumulator.EventAccumulator(
+        os.path.join(workdir, "tensorboard", name)
+    )
+    accumulator.Reload()
+    curves.append(
+        {
+            tag: {e.step: e.value for e in accumulator.Scalars(tag)}
+            for tag in accumulator.Tags()["scalars"]
+        }
+    )
+  # A loss term: each member's own value; the log line shows their mean.
+  ce = [c["collective/ce"][last_ce["global_step"]] for c in curves]
+  assert len(set(ce)) == len(ce)
+  np.testing.assert_allclose(np.mean(ce), last_ce["ce"], rtol=1e-6)
+  # The swept learning rate is not swept here: the config's, for every member.
+  rates = [
+      c["collective/learning_rate"][last_ce["global_step"]] for c in curves
+  ]
+  assert rates == pytest.approx([0.05] * len(names), rel=1e-7)
+  # Each member's evaluation at the end of a stage: its own results.
+  for index, curve in enumerate(curves):
+    row = results["members"][index]["rows"]["after_growth"]
+    assert curve["altruism/eval/expert"][
+        altruism_end["global_step"]
+    ] == pytest.approx(np.mean(row["expert"]), rel=1e-6)
+    assert altruism_end["members"][index]["expert"] == pytest.approx(
+        np.mean(row["expert"]), rel=1e-12
+    )
 
 
 def test_a_killed_population_resumes_to_identical_results(

@@ -127,6 +127,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
+
+  # Watching a run (none of these changes what a run computes).
+  # TensorBoard event files in <workdir>/tensorboard/, one TensorBoard run per
+  # member (seed_0, or seed_0_optim.learning_rate=0.01 for a swept member): each
+  # stage's loss terms, learning rate and images/s at every logged step, and its
+  # evaluations, at the global step (tags <stage>/<term>, <stage>/eval/<figure>).
+  config.tensorboard = True
+  # Evaluate the stage's rows on the test split every N epochs of a stage as well
+  # as at its end (metrics.jsonl, TensorBoard, report.png curves); 0: at the end
+  # only. results.json/.md hold the stage-end evaluations either way.
+  config.eval_every_epochs = 0
+  # "START:COUNT": a jax.profiler trace of COUNT steps, beginning with the
+  # START-th step (0-based) this run trains, all within the first stage it
+  # trains, written to <workdir>/profile/ (TensorBoard's profile plugin). "" = off.
+  config.profile_steps = ""
   return config
 
 

@@ -1,6 +1,7 @@
 """What a run prints and logs while it trains.
 
-* one-line console strings: :func:`progress_line` (during a stage) and
+* one-line console strings: :func:`progress_line` (during a stage),
+  :func:`evaluation_line` (an evaluation during a stage) and
   :func:`stage_summary_line` (at a stage end), with durations written by
   :func:`format_duration`;
 * ``metrics.jsonl``: one JSON object per logged step (:class:`MetricsLogger`),
@@ -28,6 +29,7 @@ from masc_jax import paths
 
 __all__ = [
     "MetricsLogger",
+    "evaluation_line",
     "format_duration",
     "progress_line",
     "stage_summary_line",
@@ -171,6 +173,21 @@ def stage_summary_line(
       f"[{stage}] done: {int(steps)} steps in {format_duration(seconds)} "
       f"(compile {format_duration(compile_seconds)})"
   )
+  if metrics:
+    line += " | " + " ".join(
+        f"{str(k).replace('_', ' ')} {_compact(v)}" for k, v in metrics.items()
+    )
+  return line
+
+
+def evaluation_line(
+    stage: str, epoch: int, epochs: int, metrics: Mapping[str, float]
+) -> str:
+  """One line for an evaluation during a stage, e.g.
+
+  ``[experts] epoch 10/30 | expert 0.9712 general 0 society 0.3046``
+  """
+  line = f"[{stage}] epoch {int(epoch)}/{int(epochs)}"
   if metrics:
     line += " | " + " ".join(
         f"{str(k).replace('_', ' ')} {_compact(v)}" for k, v in metrics.items()

@@ -20,7 +20,10 @@ leaf the shape wanted without its leading 1) is restored with the axis added.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import sys
 from typing import Any
 
 import jax
@@ -46,17 +49,90 @@ class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written (full or read-only filesystem, lost bucket access)."""
 
 
-def _write_error(directory: str, error: Exception) -> CheckpointWriteError:
+def _write_error(
+    directory: str, error: Exception, complete: list[int]
+) -> CheckpointWriteError:
+  """One line: where, why, and which checkpoint a rerun resumes from (``complete``)."""
   text = " ".join(str(error).split())
   reason = (
       "no space left on device"
       if "No space left on device" in text
       else f"{type(error).__name__}: {text[:300]}"
   )
-  return CheckpointWriteError(
-      f"could not write a checkpoint to {directory}: {reason}; "
-      "the last complete checkpoint is kept"
+  kept = (
+      f"the last complete checkpoint (step {max(complete)}) is kept"
+      if complete
+      else "no checkpoint was written yet"
   )
+  return CheckpointWriteError(
+      f"could not write a checkpoint to {directory}: {reason}; {kept}"
+  )
+
+
+class _FailedSaveReports(logging.Filter):
+  """Holds back what a failed save prints besides its exception, while a Checkpointer is open.
+
+  A failed save is logged, with tracebacks, by each of Orbax's writer threads
+  (through absl, whose records go to the ``absl`` Python logger) and again by
+  ``wait_until_finished``, which then raises; writes still in flight finish
+  into event loops Orbax has closed (unraisable ``RuntimeError: Event loop is
+  closed`` from asyncio's ``call_soon_threadsafe``), and their futures log
+  "exception was never retrieved" (the ``asyncio`` logger). The run reports
+  the exception in one line (``CheckpointWriteError``): ``drop`` forgets the
+  rest. If no exception follows, ``release`` prints what was held after all.
+  """
+
+  LOGGERS = ("absl", "asyncio")
+
+  def __init__(self):
+    super().__init__()
+    self.records: list[logging.LogRecord] = []
+    self.unraisable: list[Any] = []
+    self._previous_hook = None
+
+  def install(self) -> None:
+    for name in self.LOGGERS:
+      logging.getLogger(name).addFilter(self)
+    self._previous_hook = sys.unraisablehook
+    sys.unraisablehook = self._unraisable
+
+  def uninstall(self) -> None:
+    for name in self.LOGGERS:
+      logging.getLogger(name).removeFilter(self)
+    if sys.unraisablehook == self._unraisable:
+      sys.unraisablehook = self._previous_hook
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    parts = record.pathname.split(os.sep)
+    if record.levelno >= logging.ERROR and (
+        "orbax" in parts or record.name == "asyncio"
+    ):
+      self.records.append(record)
+      return False
+    return True
+
+  def _unraisable(self, unraisable: Any) -> None:
+    if isinstance(
+        unraisable.exc_value, RuntimeError
+    ) and "Event loop is closed" in str(unraisable.exc_value):
+      self.unraisable.append(unraisable)
+    else:
+      self._previous_hook(unraisable)
+
+  def drop(self) -> None:
+    self.records, self.unraisable = [], []
+
+  def release(self) -> None:
+    records, unraisable = self.records, self.unraisable
+    self.drop()
+    self.uninstall()
+    try:
+      for record in records:
+        logging.getLogger(record.name).handle(record)
+      for one in unraisable:
+        self._previous_hook(one)
+    finally:
+      self.install()
 
 
 def _key_name(entry: Any) -> str:
@@ -125,6 +201,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self.directory = paths.absolute(directory)
+    self._failure_reports = _FailedSaveReports()
+    self._failure_reports.install()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -155,14 +233,32 @@ class Checkpointer:
           force=True,
       )
     except (OSError, ValueError, RuntimeError) as e:
-      raise _write_error(self.directory, e) from e
+      raise self._write_error(e) from e
 
   def wait(self) -> None:
     """Block until the last save is on disk (``CheckpointWriteError`` if it failed)."""
     try:
       self._manager.wait_until_finished()
     except (OSError, ValueError, RuntimeError) as e:
-      raise _write_error(self.directory, e) from e
+      raise self._write_error(e) from e
+    # Saved after all: whatever Orbax reported is news, not a failure told twice.
+    if self._failure_reports.records or self._failure_reports.unraisable:
+      self._failure_reports.release()
+
+  def _write_error(self, error: Exception) -> CheckpointWriteError:
+    self._failure_reports.drop()  # told in the one line instead
+    return _write_error(self.directory, error, self.complete_steps())
+
+  def complete_steps(self) -> list[int]:
+    """The steps whose checkpoints are complete on disk (read from the directory).
+
+    The manager's own list holds a step from the moment its save starts.
+    """
+    try:
+      self._manager.reload()
+      return self.all_steps()
+    except Exception:  # noqa: BLE001 - only for the message of a failed save
+      return []
 
   def restore(
       self,
@@ -285,7 +381,13 @@ class Checkpointer:
     try:
       self.wait()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      finally:
+        # The futures of a failed save report themselves when collected.
+        gc.collect()
+        self._failure_reports.drop()
+        self._failure_reports.uninstall()
 
 
 def abstract_like(tree: PyTree) -> PyTree:

@@ -121,3 +121,38 @@ def merge_results(per_stage: Sequence[dict[str, Any]]) -> dict[str, Any]:
       else:
         merged[key] = value
   return merged
+
+
+def summary(
+    results: dict[str, Any], rows: Sequence[str], collective: str | None
+) -> dict[str, float]:
+  """A stage's few headline numbers from one member's results of its evaluation.
+
+  The collective's accuracy for a stage that trains one; otherwise the mean
+  Expert and General over the agents of its (first) row and the society's
+  accuracy on that row.
+  """
+  if collective:
+    return {"collective_acc": float(results["collective_accuracy"][collective])}
+  row = results["rows"][rows[0]]
+  return {
+      "expert": float(np.mean(row["expert"])),
+      "general": float(np.mean(row["general"])),
+      "society": float(results["society_accuracy"].get(rows[0], float("nan"))),
+  }
+
+
+def epoch_evaluation_steps(
+    steps_per_epoch: int, epochs: int, every_epochs: int
+) -> dict[int, int]:
+  """``{stage step: epoch}`` after which a stage is evaluated before its end.
+
+  Every ``every_epochs`` epochs (0: none); the last epoch is left to the
+  stage's own evaluation at its end.
+  """
+  if every_epochs <= 0:
+    return {}
+  return {
+      epoch * steps_per_epoch: epoch
+      for epoch in range(every_epochs, epochs, every_epochs)
+  }

@@ -6,8 +6,9 @@ or None when the variable is unset: a normal run has no fault code in its
 loop. ``MASC_FAULT=ACTION:POINT:STAGE[:N]`` acts the N-th time (default 1)
 ``POINT`` is reached in stage ``STAGE`` (``*``: any):
 
-  ``KILL``, ``TERM``  send ``SIGKILL`` or ``SIGTERM`` to this process at POINT,
-                      one of ``hooks.POINTS`` or ``commit``;
+  ``KILL``, ``TERM``, ``INT``  send ``SIGKILL``, ``SIGTERM`` or ``SIGINT`` (what
+                      Ctrl-C sends) to this process at POINT, one of
+                      ``hooks.POINTS`` or ``commit``;
   ``NAN``             (POINT ``step`` only) replace the output of the stage's
                       N-th step by parameters that are all NaN, as a diverged
                       step would leave them: the next step's loss is NaN.
@@ -32,7 +33,11 @@ import jax.numpy as jnp
 
 from masc_jax.training import hooks
 
-_SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
+_SIGNALS = {
+    "KILL": signal.SIGKILL,
+    "TERM": signal.SIGTERM,
+    "INT": signal.SIGINT,
+}
 NAN = "NAN"
 ACTIONS = (*_SIGNALS, NAN)
 POINTS = (*hooks.POINTS, "commit")

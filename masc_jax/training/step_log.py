@@ -33,7 +33,10 @@ class StepLog:
       log: Callable[[str], None],
       metrics_log: progress.MetricsLogger,
       members: population.MemberAxis,
+      on_logged: Callable[[int, dict, float], None] | None = None,
   ):
+    """``on_logged(global_step, terms, images_per_s)``: each logged step's
+    terms, ``[P]`` each (every member's mean over its agents)."""
     self.stage, self.total, self.every, self.members = (
         stage,
         total,
@@ -42,6 +45,7 @@ class StepLog:
     )
     self.images_per_step, self.global_offset = images_per_step, global_offset
     self.log, self.metrics_log = log, metrics_log
+    self.on_logged = on_logged
     self.pending: list[tuple[int, dict]] = []
     self.t_log, self.steps_since_log = time.perf_counter(), 0
 
@@ -96,3 +100,10 @@ class StepLog:
             **terms,
         }
     )
+    if self.on_logged is not None:
+      member_terms = {
+          # A term's mean over its agents, for each member ([P, ...] -> [P]).
+          t: np.asarray(v, np.float64).reshape(len(v), -1).mean(axis=1)
+          for t, v in fetched[-1][1].items()
+      }
+      self.on_logged(self.global_offset + done, member_terms, rate)

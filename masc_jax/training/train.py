@@ -36,7 +36,7 @@ import numpy as np
 
 from masc_jax.method import agents, routing, steps
 from masc_jax.data import augment
-from masc_jax.training import checkpointing, evaluation, hooks as hooks_lib, protocol, workdir as workdir_lib
+from masc_jax.training import checkpointing, evaluation, hooks as hooks_lib, protocol, watch, workdir as workdir_lib
 from masc_jax import paths
 from masc_jax.reporting import plots, stats, progress, report, routing_diagnostics
 from masc_jax.parallel import sharding
@@ -49,7 +49,7 @@ DONE = "done"  # the run position after the last stage
 
 
 class Preempted(SystemExit):
-  """SIGTERM arrived; a checkpoint was saved."""
+  """SIGTERM or SIGINT arrived; a checkpoint was saved."""
 
 
 # ----------------------------------------------------------------------------- state
@@ -285,6 +285,15 @@ class Run:
         paths.join(workdir, "metrics.jsonl"), enabled=self.is_writer
     )
     self.members = society.members
+    # Stage name -> its jitted prediction (evaluate_stage).
+    self._predictors = {}
+    self.watch = watch.RunWatch(
+        self.config,
+        self.members.members,
+        workdir,
+        enabled=self.is_writer,
+        log=self.log,
+    )
     keys = self.members.keys(
         lambda seed: jax.random.split(jax.random.key(seed))
     )  # [P, 2]
@@ -336,15 +345,17 @@ class Run:
           f"refusing to checkpoint non-finite parameters of {whose} in stage {meta['stage']} at step "
           f"{meta['stage_step']}; the last good checkpoint is kept"
       )
+    # Every curve point up to this checkpoint on disk before it is.
+    self.watch.flush()
     self.checkpointer.save(
         self.offsets[meta["stage"]] + meta["stage_step"], state, meta
     )
 
   def stop_if_preempted(
-      self, sigterm: workdir_lib.SigtermFlag, state: dict, meta: dict
+      self, stop: workdir_lib.StopSignals, state: dict, meta: dict
   ) -> None:
-    """After SIGTERM: make sure a checkpoint holds this position, then exit 143."""
-    if not sigterm.raised:
+    """After SIGTERM or SIGINT: make sure a checkpoint holds this position, then exit 143 or 130."""
+    if not stop.raised:
       return
     self.checkpointer.wait()
     if (
@@ -354,10 +365,10 @@ class Run:
       self.save(state, meta)
       self.checkpointer.wait()
     self.log(
-        f"SIGTERM: saved a checkpoint at stage {meta['stage']}, step {meta['stage_step']}; "
+        f"{stop.name}: saved a checkpoint at stage {meta['stage']}, step {meta['stage_step']}; "
         "exiting"
     )
-    raise Preempted(143)
+    raise Preempted(stop.exit_status)
 
   # -- one stage
 
@@ -366,7 +377,7 @@ class Run:
       spec: StageSpec,
       state: dict,
       meta: dict,
-      sigterm: workdir_lib.SigtermFlag,
+      stop: workdir_lib.StopSignals,
   ) -> dict:
     society, config, name = self.society, self.config, spec.name
     total, start = protocol.total_steps(society, spec), meta["stage_step"]
@@ -379,9 +390,9 @@ class Run:
     self.hooks.reached("compiled", name)
     compiled = self.hooks.wrap_step(name, compiled)
     # A SIGTERM during the compile: stop before training (this position is saved).
-    sigterm.poll()
+    stop.poll()
     self.stop_if_preempted(
-        sigterm, state, {**meta, "stage": name, "stage_step": start}
+        stop, state, {**meta, "stage": name, "stage_step": start}
     )
     self.log(
         f"[{name}] {total} steps ({config.batch_size} per batch, "
@@ -397,30 +408,49 @@ class Run:
         self.log,
         self.metrics_log,
         self.members,
+        on_logged=functools.partial(self.watch.training_point, name),
+    )
+    evaluate_after = self.watch.evaluation_steps(
+        protocol.batches_of(society, spec).steps_per_epoch,
+        config.epochs[spec.epochs],
     )
     # Members in turn: their states stay apart until a checkpoint or the stage's end.
     model_state = compiled.unstack(state[name])
     t_start = time.perf_counter()
     for step in range(start, total):
+      self.watch.profiler.before_step(name, self.offsets[name] + step)
       model_state, metrics = compiled.step_members(
           model_state,
           get_batch(step),
           self.members.fold_in(stage_key, step),
           frozen,
       )
+      self.watch.profiler.after_step(lambda: compiled.ready(model_state))
       step_log.add(step, metrics)
       done = step + 1
       self.hooks.reached("step", name)
       if step_log.is_due(done):
         step_log.flush(done)
-      if sigterm.poll() or (
+      if done in evaluate_after:
+        # Before a checkpoint at this step: a run resumed from it goes on after it.
+        self.record_evaluation(
+            spec,
+            self.evaluate_stage(
+                {**state, name: compiled.stack(model_state)}, spec
+            ),
+            meta,
+            done,
+            epoch=evaluate_after[done],
+        )
+      if stop.poll() or (
           done % config.checkpoint_every_steps == 0 and done < total
       ):
         step_log.flush(done)
         state = {**state, name: compiled.stack(model_state)}
         position = {**meta, "stage": name, "stage_step": done}
         self.save(state, position)
-        self.stop_if_preempted(sigterm, state, position)
+        self.stop_if_preempted(stop, state, position)
+    self.watch.profiler.stage_end(lambda: compiled.ready(model_state))
     model_state = jax.block_until_ready(compiled.stack(model_state))
     train_s = time.perf_counter() - t_start
     meta["timings"][name] = {
@@ -455,15 +485,19 @@ class Run:
     # One member at a time, with the single run's program: a member's routing
     # decisions sit on a knife's edge, and an eval program that fuses P members
     # rounds the free energies differently. Evaluation is a small part of a run.
-    predict = jax.jit(
-        lambda variables, settings, images: protocol.predict_rows(
-            society.with_settings(settings),
-            (spec,),
-            variables,
-            images,
-            normalize,
+    # One jitted function per stage: evaluations during a stage reuse its trace.
+    predict = self._predictors.setdefault(
+        spec.name,
+        jax.jit(
+            lambda variables, settings, images: protocol.predict_rows(
+                society.with_settings(settings),
+                (spec,),
+                variables,
+                images,
+                normalize,
+            ),
+            out_shardings=sharding.replicated(society.mesh),
         ),
-        out_shardings=sharding.replicated(society.mesh),
     )  # read on every process
     results = []
     for index, member in enumerate(members.members):
@@ -497,6 +531,7 @@ class Run:
     member_results = self.evaluate_stage(state, spec)
     evaluations = {**meta.get("evaluations", {}), spec.name: member_results}
     meta["stage_results"][spec.name] = stage_summary(spec, member_results)
+    total = protocol.total_steps(self.society, spec)
     timing = meta["timings"][spec.name]
     self.log(
         progress.stage_summary_line(
@@ -507,8 +542,12 @@ class Run:
             meta["stage_results"][spec.name],
         )
     )
-    self.metrics_log.write(
-        {"stage": spec.name, "eval": meta["stage_results"][spec.name]}
+    self.record_evaluation(
+        spec,
+        member_results,
+        meta,
+        total,
+        epoch=self.config.epochs[spec.epochs],
     )
     position = self.names.index(spec.name) + 1
     meta = {
@@ -518,6 +557,50 @@ class Run:
         "evaluations": evaluations,
     }
     return meta
+
+  def record_evaluation(
+      self,
+      spec: StageSpec,
+      member_results: list[dict],
+      meta: dict,
+      stage_step: int,
+      epoch: int,
+  ) -> None:
+    """An evaluation of stage ``spec`` after ``stage_step`` steps (``epoch`` epochs).
+
+    Its summary numbers go to metrics.jsonl (the members' mean; and each
+    member's, for a population) and TensorBoard (each member's), and into the
+    run position (``meta["epoch_evaluations"]``, kept in checkpoints) for the
+    report's curves.
+    """
+    summaries = [
+        evaluation.summary(results, spec.rows, spec.collective)
+        for results in member_results
+    ]
+    mean = {
+        key: float(np.mean([s[key] for s in summaries])) for key in summaries[0]
+    }
+    global_step = self.offsets[spec.name] + stage_step
+    record = {
+        "stage": spec.name,
+        "epoch": epoch,
+        "global_step": global_step,
+        "eval": mean,
+    }
+    if len(summaries) > 1:
+      record["members"] = summaries
+    epochs = self.config.epochs[spec.epochs]
+    if epoch < epochs:  # the stage's end has its own line
+      self.log(progress.evaluation_line(spec.name, epoch, epochs, mean))
+    self.metrics_log.write(record)
+    self.watch.evaluated(spec.name, global_step, summaries)
+    # New containers, not appends: a checkpoint being written holds the old ones.
+    curves = meta.get("epoch_evaluations", {})
+    meta["epoch_evaluations"] = {
+        **curves,
+        spec.name: curves.get(spec.name, [])
+        + [{"epoch": epoch, "global_step": global_step, "members": summaries}],
+    }
 
   def final_results(self, state: dict, meta: dict) -> dict:
     """The run's results: every member's, their statistics, timings and config.
@@ -566,14 +649,15 @@ class Run:
       results = self.final_results(state, meta)
       self.report(results, only_missing=True)
       return results
-    with workdir_lib.SigtermFlag() as sigterm:
+    self.watch.start(self.offsets[meta["stage"]] + meta["stage_step"])
+    with workdir_lib.StopSignals() as stop:
       for spec in self.specs[self.names.index(meta["stage"]) :]:
-        state = self.train_stage(spec, state, meta, sigterm)
+        state = self.train_stage(spec, state, meta, stop)
         meta = self.finish_stage(spec, state, meta)
         self.save(state, meta)
         self.hooks.reached("stage_saved", spec.name)
-        sigterm.poll()
-        self.stop_if_preempted(sigterm, state, meta)
+        stop.poll()
+        self.stop_if_preempted(stop, state, meta)
     self.checkpointer.wait()
     self.hooks.reached("finished", self.names[-1])
     self.state = state
@@ -611,8 +695,11 @@ class Run:
     self.log(report.results_markdown(results))
 
   def close(self) -> None:
-    self.checkpointer.close()
-    self.metrics_log.close()
+    try:
+      self.checkpointer.close()
+    finally:
+      self.watch.close()
+      self.metrics_log.close()
 
 
 def stage_summary(
@@ -623,23 +710,10 @@ def stage_summary(
   The mean over members.
   """
 
-  def one(results):
-    if spec.collective:
-      return {
-          "collective_acc": float(
-              results["collective_accuracy"][spec.collective]
-          )
-      }
-    r = results["rows"][spec.rows[0]]
-    return {
-        "expert": float(np.mean(r["expert"])),
-        "general": float(np.mean(r["general"])),
-        "society": float(
-            results["society_accuracy"].get(spec.rows[0], float("nan"))
-        ),
-    }
-
-  summaries = [one(results) for results in member_results]
+  summaries = [
+      evaluation.summary(results, spec.rows, spec.collective)
+      for results in member_results
+  ]
   return {
       key: float(np.mean([s[key] for s in summaries])) for key in summaries[0]
   }

@@ -5,8 +5,8 @@
 * ``workdir_lock`` keeps a second concurrent run out (one lock per run, however
   many processes it has);
 * ``atomic_write_json`` writes files that are never seen half-written;
-* ``SigtermFlag`` turns SIGTERM (a preemption) into a flag the loop polls, the
-  same on every process of the run.
+* ``StopSignals`` turns SIGTERM (a preemption) and SIGINT (Ctrl-C) into a flag
+  the loop polls, the same on every process of the run.
 
 All checks run before anything is written. Paths may be local or ``gs://``
 (``masc_jax.paths``).
@@ -39,6 +39,9 @@ RESULT_NEUTRAL_FIELDS = (
     "agent_axis_size",
     "agent_map",
     "member_map",
+    "tensorboard",
+    "eval_every_epochs",
+    "profile_steps",
 )
 
 
@@ -198,22 +201,45 @@ def atomic_write_json(path: str, obj: Any) -> None:
   paths.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-class SigtermFlag:
-  """SIGTERM (what a preemption sends) as a flag that the loop polls at fixed points.
+class StopSignals:
+  """SIGTERM (a preemption) and SIGINT (Ctrl-C) as a flag that the loop polls at fixed points.
 
-  One process: a Python handler sets the flag. Several processes: each may get
+  The loop then saves a checkpoint where it is and exits: 143 after SIGTERM,
+  130 after SIGINT (``exit_status``; ``name`` says which). The handler only
+  sets the flag: a blocking JAX call (a step, a transfer) finishes first, and no
+  exception ever comes out of the middle of one.
+
+  A second Ctrl-C quits at once: the first one puts back the kernel's default
+  action, so the second kills the process even inside a long C call. Nothing is
+  corrupted: files are written to a temporary name and renamed, an unfinished
+  Orbax save is a temporary folder that is never taken for a checkpoint, and
+  the kernel releases the workdir lock.
+
+  One process: Python handlers set the flag. Several processes: each may get
   the signal at a different step, but a checkpoint save is collective, so the
   processes must stop at the same point: JAX's preemption sync manager (which
-  catches SIGTERM itself) agrees on it, and ``poll`` asks it. Every process
-  calls ``poll`` at the same points in the same order; ``raised`` reads the
-  answer of the last poll without advancing.
+  catches SIGTERM itself) agrees on it, and ``poll`` asks it. A Ctrl-C on one
+  of them is passed to that manager as a SIGTERM of the process, so the run
+  stops the same way (and that process exits 130). Every process calls
+  ``poll`` at the same points in the same order; ``raised`` reads the answer
+  of the last poll without advancing.
   """
 
   def __init__(self):
     self.raised = False
-    self._previous = None
+    self.interrupted = False  # Ctrl-C on this process
+    self._previous: dict[int, Any] = {}
     self._polls = 0
     self._synced = False
+
+  @property
+  def name(self) -> str:
+    return "SIGINT" if self.interrupted else "SIGTERM"
+
+  @property
+  def exit_status(self) -> int:
+    """The shell's status for death by the signal: 128 + its number."""
+    return 128 + (signal.SIGINT if self.interrupted else signal.SIGTERM)
 
   def __enter__(self):
     import jax
@@ -221,19 +247,37 @@ class SigtermFlag:
     self._synced = jax.process_count() > 1
     # Signal handlers can only be installed from the main thread; several processes
     # leave SIGTERM to JAX's preemption notifier.
-    if (
-        not self._synced
-        and threading.current_thread() is threading.main_thread()
-    ):
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is threading.main_thread():
+      if not self._synced:
+        self._previous[signal.SIGTERM] = signal.signal(
+            signal.SIGTERM, self._handle
+        )
+      self._previous[signal.SIGINT] = signal.signal(
+          signal.SIGINT, self._interrupt
+      )
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     self.raised = True
 
+  def _interrupt(self, signum, frame):
+    self.interrupted = True
+    # Not print(): a handler that runs while the main thread is inside a
+    # buffered write would re-enter it.
+    os.write(
+        2,
+        b"\nCtrl-C: saving a checkpoint after this step (Ctrl-C again quits at"
+        b" once, losing the steps since the last checkpoint)\n",
+    )
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if self._synced:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self._handle(signum, frame)
+
   def poll(self) -> bool:
-    """True once a SIGTERM has arrived (on any process of the run: then on all at once)."""
+    """True once a stop was asked for (on any process of the run: then on all at once)."""
     if self._synced and not self.raised:
       from jax.experimental import multihost_utils
 
@@ -244,5 +288,6 @@ class SigtermFlag:
     return self.raised
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
