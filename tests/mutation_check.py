@@ -31,6 +31,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G = "tests/test_guarantees.py::"
 F = "tests/test_faults.py::"
+W = "tests/test_watch.py::"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +105,7 @@ MUTANTS = (
         "SIGTERM during a compile stops before training",
         "masc_jax/training/train.py",
         "    self.stop_if_preempted(\n"
-        '        sigterm, state, {**meta, "stage": name, "stage_step": start}\n'
+        '        stop, state, {**meta, "stage": name, "stage_step": start}\n'
         "    )\n",
         "",
         (G + "test_sigterm_during_compile_and_evaluation_saves_and_exits_143",),
@@ -113,7 +114,7 @@ MUTANTS = (
         "sigterm-ignored-between-stages",
         "SIGTERM between stages stops before the next",
         "masc_jax/training/train.py",
-        "        self.stop_if_preempted(sigterm, state, meta)\n",
+        "        self.stop_if_preempted(stop, state, meta)\n",
         "",
         (G + "test_sigterm_between_stages_stops_before_the_next_one",),
     ),
@@ -121,7 +122,7 @@ MUTANTS = (
         "sigterm-exit-0",
         "SIGTERM exits with status 143",
         "masc_jax/training/train.py",
-        "raise Preempted(143)",
+        "raise Preempted(stop.exit_status)",
         "raise Preempted(0)",
         (F + "test_sigterm_saves_a_checkpoint_where_it_stopped",),
     ),
@@ -129,9 +130,32 @@ MUTANTS = (
         "sigterm-no-handler",
         "SIGTERM is caught, not fatal",
         "masc_jax/training/workdir.py",
-        "      self._previous = signal.signal(signal.SIGTERM, self._handle)\n",
-        "      pass\n",
+        "        self._previous[signal.SIGTERM] = signal.signal(\n"
+        "            signal.SIGTERM, self._handle\n"
+        "        )\n",
+        "        pass\n",
         (F + "test_sigterm_saves_a_checkpoint_where_it_stopped",),
+    ),
+    Mutant(
+        "sigint-no-handler",
+        "Ctrl-C saves a checkpoint and exits 130, no traceback",
+        "masc_jax/training/workdir.py",
+        "      self._previous[signal.SIGINT] = signal.signal(\n"
+        "          signal.SIGINT, self._interrupt\n"
+        "      )\n",
+        "      pass\n",
+        (
+            W
+            + "test_ctrl_c_saves_where_it_stopped_and_the_same_command_resumes_exactly",
+        ),
+    ),
+    Mutant(
+        "curves-not-purged-on-resume",
+        "a resumed run continues its curves without a step twice",
+        "masc_jax/reporting/tensorboard_log.py",
+        "      if purge_from is not None:\n",
+        "      if False:\n",
+        (W + "test_event_files_hold_what_metrics_jsonl_holds_each_step_once",),
     ),
     # -- checkpoints are never half-trusted
     Mutant(

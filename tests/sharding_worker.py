@@ -137,7 +137,7 @@ def main():
     society = society_on(4, NO_ABLATIONS)
     run = train.Run(society, workdir, log=lambda _: None)
     state, meta = run.restore_or_init()
-    with workdir_lib.SigtermFlag() as flag:
+    with workdir_lib.StopSignals() as flag:
       state = run.train_stage(protocol.BY_NAME["experts"], state, meta, flag)
     run.save(state, {**meta, "stage": "collective", "stage_step": 0})
     run.close()
