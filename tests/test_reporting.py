@@ -437,6 +437,43 @@ def test_plot_report_png(tmp_path):
   assert plt.get_fignums() == []
 
 
+def test_plot_report_draws_evaluations_during_training_when_there_are_some(
+    tmp_path,
+):
+  import matplotlib.image as mpimg
+
+  def curve(epochs, members):
+    return [
+        {
+            "epoch": e,
+            "members": [
+                {"collective_acc": 0.5 + 0.01 * e + d} for d in members
+            ],
+        }
+        for e in epochs
+    ]
+
+  size = lambda figsize: tuple(
+      int(round(s * plots.REPORT_DPI)) for s in reversed(figsize)
+  )
+  # Only the stages' ends (eval_every_epochs=0): report.png as without curves.
+  plot_report(
+      make_results(), str(tmp_path / "end.png"), curves={"c": curve([3], [0])}
+  )
+  assert mpimg.imread(tmp_path / "end.png").shape[:2] == size(
+      plots.REPORT_FIGSIZE
+  )
+  # Evaluations during a stage, of three members: the taller figure.
+  plot_report(
+      make_results(),
+      str(tmp_path / "curves.png"),
+      curves={"c": curve([1, 2, 3], [0, 0.1, 0.2]), "d": curve([2], [0, 0, 0])},
+  )
+  image = mpimg.imread(tmp_path / "curves.png")
+  assert image.shape[:2] == size(plots.REPORT_WITH_CURVES_FIGSIZE)
+  assert float(image[..., :3].std()) > 0.01
+
+
 def test_plot_report_partial_rows(tmp_path):
   res = make_results(rows=("ra_only",), extras=False)
   path = tmp_path / "r1.png"

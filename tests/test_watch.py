@@ -20,7 +20,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from masc_jax import config_lib
-from masc_jax.reporting import tensorboard_log
+from masc_jax.reporting import plots, tensorboard_log
 from masc_jax.training import train, workdir as workdir_lib
 from conftest import REPO, run_main
 
@@ -45,6 +45,12 @@ def read_events(run_dir):
       tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
       for tag in accumulator.Tags()["scalars"]
   }
+
+
+def plt_image(path):
+  import matplotlib.image
+
+  return matplotlib.image.imread(path)
 
 
 def read_metrics(workdir):
@@ -102,8 +108,8 @@ def test_ctrl_c_saves_where_it_stopped_and_the_same_command_resumes_exactly(
   assert "resuming at step 26" in resumed.stdout
   # Evaluating during the stages changed nothing: the reference has none.
   with open(os.path.join(workdir, "results.json")) as f:
-    got = json.load(f)
-  expected = json.loads(json.dumps(reference[1]))
+    (got,) = json.load(f)["members"]
+  (expected,) = json.loads(json.dumps(reference[1]))["members"]
   for key in COMPARED:
     assert got[key] == expected[key], key
 
@@ -124,6 +130,29 @@ def test_evaluations_during_a_stage_are_logged_at_their_epochs(
   # The stage-end evaluations are the reference's (which evaluated only there).
   reference_evals = [r for r in read_metrics(reference[0]) if "eval" in r]
   assert [r["eval"] for r in evals[2:]] == [r["eval"] for r in reference_evals]
+  # The run position kept each evaluation once, for report.png's curves.
+  steps = [
+      int(name)
+      for name in os.listdir(os.path.join(workdir, "checkpoints"))
+      if name.isdigit()
+  ]
+  with open(
+      os.path.join(workdir, "checkpoints", str(max(steps)), "meta", "metadata")
+  ) as f:
+    curves = json.load(f)["epoch_evaluations"]
+  assert {
+      stage: [p["epoch"] for p in points] for stage, points in curves.items()
+  } == {
+      "experts": [1, 2],
+      "collective": [1],
+      "altruism": [1],
+  }
+  assert curves["experts"][0]["members"] == [evals[1]["eval"]]
+  image = plt_image(os.path.join(workdir, "report.png"))
+  assert image.shape[:2] == tuple(
+      int(round(s * plots.REPORT_DPI))
+      for s in reversed(plots.REPORT_WITH_CURVES_FIGSIZE)
+  )
 
 
 def test_event_files_hold_what_metrics_jsonl_holds_each_step_once(

@@ -25,14 +25,17 @@ from masc_jax.reporting import report, schema, stats
 
 __all__ = [
     "REPORT_FIGSIZE",
+    "REPORT_WITH_CURVES_FIGSIZE",
     "REPORT_DPI",
     "SWEEP_FIGSIZE",
     "plot_report",
     "plot_sweep",
 ]
 
-# report.png is REPORT_FIGSIZE * REPORT_DPI pixels (no tight bbox cropping).
+# report.png is REPORT_FIGSIZE * REPORT_DPI pixels (no tight bbox cropping);
+# with evaluations during training (``curves``), REPORT_WITH_CURVES_FIGSIZE.
 REPORT_FIGSIZE = (12.0, 13.0)
+REPORT_WITH_CURVES_FIGSIZE = (12.0, 16.5)
 REPORT_DPI = 100
 SWEEP_FIGSIZE = (15.0, 5.0)
 _PALETTE = {
@@ -153,7 +156,62 @@ def _directionality_text(entry: Mapping, single: bool) -> str:
   return f"directionality {entry['holds']}/{entry['of']}"
 
 
-def plot_report(results: Mapping, path: str) -> None:
+def _has_curves(curves: Mapping | None) -> bool:
+  """Whether some stage was evaluated during training (more than its end)."""
+  return bool(curves) and any(len(points) > 1 for points in curves.values())
+
+
+def _draw_curves(
+    fig, grid_row, curves: Mapping[str, Sequence[Mapping]]
+) -> None:
+  """(d): one panel per stage, each summary number against the epoch (members' mean, range)."""
+  from matplotlib.ticker import MaxNLocator
+
+  stages = [name for name, points in curves.items() if points]
+  cells = grid_row.subgridspec(1, len(stages))
+  first = None
+  for i, stage in enumerate(stages):
+    ax = fig.add_subplot(cells[0, i], sharey=first)
+    first = first or ax
+    points = sorted(curves[stage], key=lambda p: p["epoch"])
+    epochs = [p["epoch"] for p in points]
+    for figure in points[0]["members"][0]:
+      values = np.array(
+          [[m[figure] for m in p["members"]] for p in points], np.float64
+      )  # [points, P]
+      (line,) = ax.plot(
+          epochs,
+          values.mean(axis=1),
+          marker="o",
+          markersize=3,
+          label=figure.replace("_", " "),
+      )
+      if values.shape[1] > 1:
+        ax.fill_between(
+            epochs,
+            values.min(axis=1),
+            values.max(axis=1),
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
+    ax.set_title(f"(d) {stage}" if i == 0 else stage, fontsize=10)
+    ax.set_xlim(0, max(epochs) + 0.5)
+    ax.xaxis.set_major_locator(
+        MaxNLocator(nbins=4, integer=True, steps=[1, 2, 5, 10])
+    )
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    if i:
+      ax.tick_params(labelleft=False)
+  first.set_ylim(0.0, 1.02)
+  first.set_ylabel("test accuracy")
+
+
+def plot_report(
+    results: Mapping, path: str, curves: Mapping | None = None
+) -> None:
   """Writes report.png.
 
   (a) agents x class-groups accuracy heatmaps (before / after growth, else the
@@ -161,7 +219,11 @@ def plot_report(results: Mapping, path: str) -> None:
   scale, owner cells outlined in red); (b) per-agent Expert and General (the
   same rows; after growth in solid colours); (c) every row's mean General and
   society accuracy. Bars carry their 95% interval over the members as error
-  bars (none for one member).
+  bars (none for one member). With ``curves`` (stage -> evaluations during
+  and at the end of training, ``[{"epoch", "members": [{figure: value}]}]``,
+  as ``config.eval_every_epochs`` records them) of more than the stages' ends:
+  (d) each stage's summary numbers against the epoch, the members' mean (and
+  their range, shaded).
 
   Raises:
     ValueError: for malformed results (``report.read``); nothing is written.
@@ -188,7 +250,12 @@ def plot_report(results: Mapping, path: str) -> None:
         f"error bars: {report.CI_EXPLANATION}"
     )
     fig.suptitle(who)
-    grid = fig.add_gridspec(3, 2, height_ratios=[1.15, 1.0, 0.9])
+    with_curves = _has_curves(curves)
+    grid = fig.add_gridspec(
+        4 if with_curves else 3,
+        2,
+        height_ratios=[1.15, 1.0, 0.9] + ([0.9] if with_curves else []),
+    )
     cmap = matplotlib.colormaps["viridis"]
     fontsize = max(4.0, min(10.0, 64.0 / k))
 
@@ -273,8 +340,13 @@ def plot_report(results: Mapping, path: str) -> None:
     ax_rows.set_title(
         "(c) per row: mean General over agents and society accuracy"
     )
+    if with_curves:
+      _draw_curves(fig, grid[3, :], curves)
 
-  paths.write_atomic(path, _render_png(REPORT_FIGSIZE, draw))
+  figsize = (
+      REPORT_WITH_CURVES_FIGSIZE if _has_curves(curves) else REPORT_FIGSIZE
+  )
+  paths.write_atomic(path, _render_png(figsize, draw))
 
 
 def _x_positions(

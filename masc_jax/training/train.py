@@ -647,7 +647,9 @@ class Run:
       # Finished before; a kill after the last checkpoint may have cut the reports short.
       self.log("this run is finished; its results:")
       results = self.final_results(state, meta)
-      self.report(results, only_missing=True)
+      self.report(
+          results, only_missing=True, curves=meta.get("epoch_evaluations")
+      )
       return results
     self.watch.start(self.offsets[meta["stage"]] + meta["stage_step"])
     with workdir_lib.StopSignals() as stop:
@@ -662,17 +664,28 @@ class Run:
     self.hooks.reached("finished", self.names[-1])
     self.state = state
     results = self.final_results(state, meta)
-    self.report(results)
+    self.report(results, curves=meta.get("epoch_evaluations"))
     return results
 
-  def report(self, results: dict, only_missing: bool = False) -> None:
+  def report(
+      self,
+      results: dict,
+      only_missing: bool = False,
+      curves: dict | None = None,
+  ) -> None:
     """results.json, results.md and the figures (process 0), and the table on the console.
 
-    Figures: report.png; routing.png (free energies of each grown agent's head
-    and S, of the first member); sweep.png for a sweep.
+    Figures: report.png (with the evaluations during training, ``curves``:
+    ``meta["epoch_evaluations"]``); routing.png (free energies of each grown
+    agent's head and S, of the first member); sweep.png for a sweep.
     """
     first = results["members"][0]
-    figures = {"report.png": (plots.plot_report, results)}
+    figures = {
+        "report.png": (
+            functools.partial(plots.plot_report, curves=curves),
+            results,
+        )
+    }
     if first.get("routing_diagnostics"):
       figures["routing.png"] = (
           functools.partial(
