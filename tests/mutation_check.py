@@ -234,8 +234,8 @@ MUTANTS = (
         "agent-map-not-neutral",
         "the agent strategy (and device count) may change on resume",
         "masc_jax/training/workdir.py",
-        '    "agent_map",\n    "member_map",\n)',
-        '    "member_map",\n)',
+        '    "agent_map",\n    "member_map",\n',
+        '    "member_map",\n',
         (
             "tests/test_sharding.py::test_checkpoint_written_on_4_devices_resumes_on_1",
         ),
