@@ -4,7 +4,7 @@
     python -m benchmarks.conv_layers --impls xla --no-torch --layers 1,10
     python -m benchmarks.conv_layers --impls xla,im2col,tuned --no-torch [--max-isa AVX2]
 
-For each of the 13 conv3x3 layers of the spec's expert network (batch 64,
+For each of the 13 conv3x3 layers of the paper's expert network (batch 64,
 CIFAR-size input) times, each in its own jit (median of ``--steps`` calls):
   fwd  ``conv.conv3x3(x, w, impl)``
   dx   the VJP w.r.t. the input (what autodiff computes for the layer below)

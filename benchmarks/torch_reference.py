@@ -1,9 +1,9 @@
 """PyTorch reference of the stage-1 (expert) train step, for the JAX/PyTorch ratio.
 
-The spec's expert network ("Netwider", ../shared/MASC_SPEC.md "Networks"):
+The paper's expert network ("Netwider", docs/method.md "Networks"):
 13 x [Conv2d 3x3 (bias, padding 1) -> BatchNorm2d -> ReLU], 2x2 max-pool after
 the blocks in ``pool_after``, flatten, Linear 1024 -> ReLU -> Dropout 0.5 ->
-Linear 1024 -> ReLU -> Dropout 0.5 -> Linear C. The step is the spec's SGD
+Linear 1024 -> ReLU -> Dropout 0.5 -> Linear C. The step is the paper's SGD
 (lr 0.005, momentum 0.9, coupled weight decay 5e-4) on softmax cross-entropy
 of the logits. K agents are K separate models + optimizers stepped one after
 another, which is how one would write the society in plain PyTorch.
@@ -36,7 +36,7 @@ def build_network(
     image_hw: tuple[int, int],
     dropout_rate: float = 0.5,
 ):
-  """The spec's network as a ``torch.nn.Sequential`` (NCHW input, logits out)."""
+  """The paper's network as a ``torch.nn.Sequential`` (NCHW input, logits out)."""
   import torch.nn as nn
 
   layers = []

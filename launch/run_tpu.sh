@@ -34,7 +34,7 @@ MASC_EPILOG="Examples:
 
 masc_define multihost --multihost MASC_MULTIHOST 0 bool "" \
   "Pass --multihost to masc_jax.main (jax.distributed.initialize()); needed when the slice has more than one host."
-masc_define background --background MASC_BACKGROUND 0 bool "" \
+masc_define background --background MASC_DETACH 0 bool "" \
   "Start the run with nohup and return at once (output only in --log-file); default: foreground."
 masc_define log_file --log-file MASC_LOG_FILE "" value FILE \
   "Log file on each worker, relative to --remote-dir unless absolute; default: logs/CONFIG-UTCTIME.log."

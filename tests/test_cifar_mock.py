@@ -11,7 +11,7 @@ from unittest import mock
 from masc_jax import config_lib
 from masc_jax.training import train
 
-# The spec's block/pool layout with very narrow widths, so it compiles quickly.
+# The paper's block/pool layout with very narrow widths, so it compiles quickly.
 NARROW = [
     "model.expert_widths=(4,4,4,4,4,4,4,4,4,4,4,4,4)",
     "model.collective_widths=(4,4,4,4,4,4,4,4,4,4,4,4,8)",

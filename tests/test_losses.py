@@ -1,4 +1,4 @@
-"""Tests for masc_jax.method.losses, against NumPy/SciPy re-implementations of the spec.
+"""Tests for masc_jax.method.losses, against NumPy/SciPy re-implementations of docs/method.md.
 
 Every reference here is computed in float64 NumPy/SciPy by a different route
 than the library (explicit loops, scipy.special, scipy.stats.entropy), and every

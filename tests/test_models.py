@@ -551,7 +551,7 @@ def test_feature_map_sizes_hand_worked() -> None:
   ]
   assert network.feature_map_sizes((7, 5), 2, (1,)) == [(7, 5), (3, 2)]
   assert network.feature_map_sizes((8, 8), 2, ()) == [(8, 8), (8, 8)]
-  # The spec's 13 blocks on 32x32 with pools after 1, 3, 6, 9, 12: 16, 8, 4, 2, 1.
+  # The paper's 13 blocks on 32x32 with pools after 1, 3, 6, 9, 12: 16, 8, 4, 2, 1.
   sizes = network.feature_map_sizes((32, 32), 13, (1, 3, 6, 9, 12))
   assert [s[0] for s in sizes] == [32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2, 1]
   assert sizes[-1] == (1, 1)

@@ -1,4 +1,4 @@
-"""CIFAR-10: K=5 agents x 2 classes, the spec's VGG widths, the paper's optimiser.
+"""CIFAR-10: K=5 agents x 2 classes, the paper's VGG widths, the paper's optimiser.
 
     python -m masc_jax.main --config=cifar10 --workdir=runs/cifar10
 

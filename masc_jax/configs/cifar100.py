@@ -1,4 +1,4 @@
-"""CIFAR-100, the paper's protocol: K=4 agents x 25 classes, the spec's VGG widths.
+"""CIFAR-100, the paper's protocol: K=4 agents x 25 classes, the paper's VGG widths.
 
 Run (data prepared once with `bash launch/prepare_data.sh cifar100`):
 

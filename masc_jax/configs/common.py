@@ -1,4 +1,4 @@
-"""Fields shared by every config: the defaults of the spec (../shared/MASC_SPEC.md).
+"""Fields shared by every config: the method's defaults (docs/method.md).
 
 Dataset configs start from ``base_config()`` and change what their protocol
 needs. Every field is documented here; ``masc_jax.config_lib.validate``
@@ -7,7 +7,7 @@ checks them all before a run writes anything.
 
 import ml_collections
 
-# The spec's VGG widths [ref]: 13 conv blocks, pools after blocks 1, 3, 6, 9, 12.
+# The paper's VGG widths (docs/method.md, "Networks"): 13 conv blocks, pools after blocks 1, 3, 6, 9, 12.
 EXPERT_WIDTHS = (64, 64, 64, 64, 128, 128, 128, 256, 256, 256, 256, 256, 256)
 COLLECTIVE_WIDTHS = (
     64,
@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   # GPUs with bf16 tensor cores; on a 2-core CPU it was slower than float32.
   config.model.compute_dtype = "float32"
 
-  # Optimisation [ref]: SGD, coupled weight decay, no schedule.
+  # Optimisation (docs/method.md, "Optimisation"): SGD, coupled weight decay, no schedule.
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 0.005
   config.optim.momentum = 0.9
@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.epochs.altruism = 100
 
   # Losses (spec: L_CC and L_RA). `cc` and `ra` name registered losses
-  # (masc_jax.method.losses.CC_LOSSES / RA_LOSSES: "masc" is the spec's, "ce" is CE alone);
+  # (masc_jax.method.losses.CC_LOSSES / RA_LOSSES: "masc" is the paper's, "ce" is CE alone);
   # the ablation's collective always trains with "ce".
   config.loss = ml_collections.ConfigDict()
   config.loss.cc = "masc"

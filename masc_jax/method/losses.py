@@ -38,7 +38,7 @@ class LossSettings:
   """Every weight, temperature and teacher mode of L_CC and L_RA, as one value.
 
   A pytree: the numbers are leaves (so a later version can make them traced,
-  per-member arrays), the teacher modes are static. Defaults are the spec's.
+  per-member arrays), the teacher modes are static. Defaults are docs/method.md's.
   """
 
   kd_teachers: str = flax.struct.field(pytree_node=False, default="owner")

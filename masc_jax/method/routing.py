@@ -9,7 +9,7 @@ A rule maps ``logits_stack [M, B, C]`` to ``choice [B]`` (int32, the model
 index per input); every rule sends ties to the lowest index. Registered rules:
 
   ``energy``         the lowest free energy ``F(z) = -T logsumexp(z / T)`` (the
-                     spec's rule, from the authors' code; the default).
+                     docs/method.md's rule, from the authors' code; the default).
   ``msp``            the highest maximum softmax probability (the classic
                      confidence score of Hendrycks & Gimpel, 2017).
   ``energy_margin``  the lowest-index model whose free energy is within

@@ -151,7 +151,7 @@ def one_program_at_a_time() -> bool:
   collective, holds. Seen here: a 1-process x 2-device gloo population hung in
   an all-gather (one part waiting on its device's in-flight semaphore); with
   in-process collectives the same starvation ends in XLA's rendezvous timeout,
-  as the 5-device report of issue 12 did. Accelerators queue programs on
+  as a 5-device run once did. Accelerators queue programs on
   streams instead, and one device per process has nothing to wait for.
   """
   return jax.local_device_count() > 1 and jax.default_backend() == "cpu"

@@ -286,7 +286,7 @@ class MembersInTurn:
   by side on P host threads: one member's program keeps about 1.5 of the two
   cores of our CPU busy, and programs dispatched from one thread ran one after
   another (1.5 cores) where the same programs called from two threads used 1.97
-  (BUILD_NOTES.md "Performance, round 3"). Every member still runs its own
+  (docs/performance.md, "Populations on a CPU"). Every member still runs its own
   program on its own inputs: the results are the same bits either way.
   """
 
