@@ -5,8 +5,7 @@
     python tests/mutation_check.py lock-shared sigterm-exit-0   # some of them
 
 Each mutant is one exact text replacement in one library file that breaks one
-guarantee of README ("Resuming and failures", "Devices") or of BUILD_NOTES'
-run-guarantees table, together with the tests that claim to guard it. The
+guarantee of docs/guarantees.md, together with the tests that claim to guard it. The
 check copies the repository (the files git tracks, and untracked files it does
 not ignore) to a temporary folder, runs those tests unmutated there first (they
 must pass), then for each mutant applies it to the copy, runs its tests, and
@@ -14,7 +13,7 @@ restores the file. A mutant is *killed* when its tests fail, *survives* when
 they pass. The working tree is never touched, so an interrupted check leaves
 nothing behind. Exit status: 0 when every mutant tried was killed, 1 otherwise.
 
-Not run in CI (it is slow): BUILD_NOTES.md "Mutation check" has the last result.
+Not run in CI (it is slow): BUILD_NOTES.md has the last result.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Each promise of README "Resuming and failures", tested where it could break.
+"""Each promise of docs/guarantees.md, tested where it could break.
 
 Kills and preemptions land at *named* points of the run's hooks
 (``masc_jax.training.hooks``; ``masc_jax.training.faults`` through the

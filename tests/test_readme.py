@@ -1,4 +1,4 @@
-"""README's code must run as written: its Python snippets, and its test command in .ci/run."""
+"""README's code must run as written: its Python snippets, its test command in .ci/run, and the guides' commands."""
 
 import json
 import os
@@ -63,10 +63,12 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_the_local_multi_process_command_starts_two_processes_as_written():
-  """README "Devices": the launch_local line, with --dry-run added, plans the two processes."""
+  """docs/devices.md: the launch_local line, with --dry-run added, plans the two processes."""
+  with open(os.path.join(REPO, "docs", "devices.md")) as f:
+    guide = f.read()
   line = next(
       l
-      for l in readme().splitlines()
+      for l in guide.splitlines()
       if l.startswith("python -m masc_jax.launch_local")
   )
   args = line.split()[3:]
