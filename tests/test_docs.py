@@ -28,9 +28,7 @@ def test_every_relative_link_in_the_guides_resolves():
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
       if re.match(r"[a-z]+://", target):
         continue
-      path = os.path.normpath(
-          os.path.join(REPO, os.path.dirname(name), target)
-      )
+      path = os.path.normpath(os.path.join(REPO, os.path.dirname(name), target))
       if not os.path.exists(path):
         broken.append(f"{name} -> {target}")
   assert not broken, broken
@@ -38,7 +36,9 @@ def test_every_relative_link_in_the_guides_resolves():
 
 def test_the_guarantees_guide_names_every_mutant_of_the_mutation_check():
   text = guides()[os.path.join("docs", "guarantees.md")]
-  missing = [m.name for m in mutation_check.MUTANTS if f"`{m.name}`" not in text]
+  missing = [
+      m.name for m in mutation_check.MUTANTS if f"`{m.name}`" not in text
+  ]
   assert not missing, missing
 
 
@@ -59,6 +59,30 @@ def test_no_history_words_outside_the_build_notes():
     except UnicodeDecodeError:
       continue
     found += [
-        f"{name}:{i}" for i, l in enumerate(text.splitlines(), 1) if pattern.search(l)
+        f"{name}:{i}"
+        for i, l in enumerate(text.splitlines(), 1)
+        if pattern.search(l)
     ]
   assert not found, found
+
+
+def test_the_readme_layout_table_names_every_module():
+  layout = guides()["README.md"].split("## Layout", 1)[1].split("\n## ", 1)[0]
+  package = os.path.join(REPO, "masc_jax")
+  missing = []
+  for folder, _, files in os.walk(package):
+    for name in files:
+      if not name.endswith(".py") or name == "__init__.py":
+        continue
+      relative = os.path.relpath(os.path.join(folder, name), package)
+      # A config file may be named as its config (`digits` for configs/digits.py).
+      names = {f"`{name}`", f"`masc_jax/{relative}`"}
+      if os.path.basename(folder) == "configs":
+        names.add(f"`{name[:-3]}`")
+      if not any(n in layout for n in names):
+        missing.append(relative)
+  for folder in sorted(os.listdir(package)):
+    if os.path.isdir(os.path.join(package, folder)) and folder != "__pycache__":
+      if f"`masc_jax/{folder}/`" not in layout and f"`{folder}/`" not in layout:
+        missing.append(folder + "/")
+  assert not missing, missing

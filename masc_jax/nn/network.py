@@ -1,4 +1,4 @@
-"""The paper's VGG-style network (docs/method.md, "Networks") ("Netwider"), as a backbone and a head.
+"""The paper's VGG-style network ("Netwider", docs/method.md "Networks"), as a backbone and a head.
 
 A network is 13 (or any number of) blocks ``conv3x3(bias) -> BatchNorm -> ReLU``
 with a 2x2 max-pool after the blocks listed in ``pool_after``, flattened, then
