@@ -6,10 +6,14 @@
 #   VENV/bin/tfds build DATASET --file_format=array_record --data_dir=BUILD_DIR
 #   gcloud storage rsync --recursive BUILD_DIR/DATASET gs://BUCKET/PATH/DATASET
 #
-# DATASET is cifar100 or cifar10 (digits ships with scikit-learn and needs no
-# preparation). Building needs TensorFlow, which the separate venv VENV gets
-# (the `prepare` extra: tensorflow-cpu); reading the result later does not.
-# It downloads the dataset (~170 MB) from its original site.
+# DATASET is cifar100, cifar10 or fashion_mnist, or tfds:NAME for any TFDS
+# image-classification dataset (NAME or NAME/CONFIG as TFDS spells it; train
+# on it with --config=tfds:NAME). digits ships with scikit-learn and needs no
+# preparation; fashion_mnist can also come from `apt-get install
+# dataset-fashion-mnist` instead. Building needs TensorFlow, which the
+# separate venv VENV gets (the `prepare` extra: tensorflow-cpu); reading the
+# result later does not. It downloads the dataset (CIFAR: ~170 MB) from its
+# original site.
 #
 # At the end it prints the `export TFDS_DATA_DIR=...` line to use with
 # launch/run_tpu.sh. If TFDS_DATA_DIR / --data-dir is already a gs:// path,
@@ -19,11 +23,12 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-MASC_DESCRIPTION="Build TFDS DATASET (cifar100 or cifar10) as array_record here, in a separate venv with tensorflow-cpu, optionally upload it to GCS, and print the export TFDS_DATA_DIR=... line for launch/run_tpu.sh."
+MASC_DESCRIPTION="Build TFDS DATASET (cifar100, cifar10, fashion_mnist, or tfds:NAME for any TFDS image-classification dataset) as array_record here, in a separate venv with tensorflow-cpu, optionally upload it to GCS, and print the export TFDS_DATA_DIR=... line for launch/run_tpu.sh."
 MASC_POSITIONAL_HELP="DATASET"
 MASC_MAX_POSITIONAL=1
 MASC_EPILOG="Examples:
   $MASC_SCRIPT cifar100 --gcs-bucket=gs://my-bucket/tfds --dry-run
+  $MASC_SCRIPT tfds:svhn_cropped --data-dir=\$HOME/tensorflow_datasets
   TFDS_DATA_DIR=\$HOME/tensorflow_datasets $MASC_SCRIPT cifar10"
 
 cache_home=${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}
@@ -44,17 +49,25 @@ masc_use data_dir build_dir gcs_bucket prepare_venv prepare_python tensorflow in
 masc_parse "$@"
 
 dataset=${MASC_POSITIONAL[0]-}
+expected="cifar100, cifar10, fashion_mnist, or tfds:NAME for any TFDS dataset (digits needs no preparation)"
 case $dataset in
-  cifar100 | cifar10) ;;
+  cifar100 | cifar10 | fashion_mnist) ;;
+  tfds:*)
+    # Any TFDS name, spelled as TFDS does: lower case, digits, '_', one optional /CONFIG.
+    dataset=${dataset#tfds:}
+    if [[ ! $dataset =~ ^[a-z0-9_]+(/[a-z0-9_.]+)?$ ]]; then
+      masc_die 2 "bad TFDS name '$dataset' in tfds:NAME: expected NAME or NAME/CONFIG (lower case, digits, '_')"
+    fi
+    ;;
   digits)
     masc_info "digits needs no preparation: it ships with scikit-learn and is read from there (no TFDS_DATA_DIR needed)."
     exit 0
     ;;
   "")
-    masc_die 2 "missing DATASET: cifar100 or cifar10 (digits needs no preparation); see $MASC_SCRIPT --help"
+    masc_die 2 "missing DATASET: $expected; see $MASC_SCRIPT --help"
     ;;
   *)
-    masc_die 2 "unknown dataset '$dataset': expected cifar100 or cifar10 (digits needs no preparation)"
+    masc_die 2 "unknown dataset '$dataset': expected $expected"
     ;;
 esac
 

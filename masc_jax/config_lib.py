@@ -1,7 +1,9 @@
 """Configs: found by name, loaded from files, validated before anything runs.
 
-``--config`` takes a registered name (``cifar100``, ``cifar10``, ``digits``,
-``tiny``), ``NAME:ARG`` for a variant, or a path to a ``get_config()`` file
+``--config`` takes a registered name (``cifar100``, ``cifar10``,
+``fashion_mnist``, ``digits``, ``tiny``), ``NAME:ARG`` for a variant
+(``fashion_mnist:spec``; ``tfds:NAME`` for any prepared TFDS
+image-classification dataset), or a path to a ``get_config()`` file
 (``path.py[:ARG]``). ``validate`` checks every field at once and raises one
 ``ConfigError`` that lists every problem it found.
 """
@@ -23,18 +25,31 @@ from typing import Any
 import ml_collections
 
 from masc_jax.method import agents, losses, routing
-from masc_jax.data import batches, registry
+from masc_jax.data import arrays, batches, registry
 from masc_jax.nn import conv, network
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
-# Every get_config() file in masc_jax/configs/ is a registered config, found by its name.
+# Configs that only make sense with an argument, named as NAME:ARG: what they
+# are called in help and error messages.
+NEEDS_ARGUMENT = {
+    "tfds": "tfds:NAME (any prepared TFDS image-classification dataset)",
+}
+# Every other get_config() file in masc_jax/configs/ is a registered config,
+# found by its name.
 REGISTERED = tuple(
     sorted(
         name[:-3]
         for name in os.listdir(CONFIG_DIR)
-        if name.endswith(".py") and name not in ("__init__.py", "common.py")
+        if name.endswith(".py")
+        and name not in ("__init__.py", "common.py")
+        and name[:-3] not in NEEDS_ARGUMENT
     )
 )
+
+
+def known_names() -> str:
+  """The config names a user can give, for help and error messages."""
+  return ", ".join(REGISTERED) + ", or " + ", ".join(NEEDS_ARGUMENT.values())
 
 
 class ConfigError(ValueError):
@@ -71,20 +86,24 @@ def resolve_config_spec(spec: str) -> str:
     ConfigError: for a name that is neither registered nor an existing file.
   """
   name, sep, arg = spec.partition(":")
-  if name in REGISTERED:
+  if name in REGISTERED or name in NEEDS_ARGUMENT:
     return os.path.join(CONFIG_DIR, f"{name}.py") + sep + arg
   if os.path.isfile(name):
     return spec
   raise ConfigError(
-      f"unknown config {name!r}: use one of {', '.join(REGISTERED)} "
+      f"unknown config {name!r}: use one of {known_names()} "
       "(optionally NAME:ARG) or a path to a config .py file with get_config()"
   )
 
 
 def config_name(spec: str) -> str:
-  """A short name for a config spec (for the default workdir)."""
+  """A short name for a config spec (for the default workdir): one folder name.
+
+  ``tfds:emnist/letters:3.1.0`` -> ``tfds_emnist_letters_3.1.0``.
+  """
   name, _, arg = spec.partition(":")
   base = os.path.splitext(os.path.basename(name))[0]
+  arg = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in arg)
   return base + (f"_{arg}" if arg else "")
 
 
@@ -238,10 +257,34 @@ def _field_errors(config: ml_collections.ConfigDict) -> list[str]:
         f"{path} must be one of {', '.join(choices)}, got {value!r}",
     )
 
-  one_of("dataset", config.dataset, tuple(registry.DATASETS))
-  dataset = registry.DATASETS.get(config.dataset)
-  k_ok = positive_int("num_agents", config.num_agents)
-  if dataset is not None and k_ok:
+  dataset = None
+  if registry.is_tfds_name(config.dataset):
+    try:
+      dataset = registry.dataset_info(
+          config.dataset,
+          config.data_dir if isinstance(config.data_dir, str) else None,
+      )
+    except arrays.DatasetNotPreparedError as e:
+      errors.append(_one_line(e))  # it names the dataset
+  else:
+    one_of(
+        "dataset",
+        config.dataset,
+        tuple(n for n in registry.DATASETS if not registry.is_tfds_name(n))
+        + (f"{registry.TFDS_PREFIX}NAME (a prepared TFDS dataset)",),
+    )
+    dataset = registry.DATASETS.get(config.dataset)
+  if config.num_agents == 0 and registry.is_tfds_name(config.dataset):
+    # tfds:NAME has no default K: it depends on the class count, read from
+    # the prepared files (if they were not found, that error says enough).
+    if dataset is not None:
+      c = dataset.num_classes
+      errors.append(
+          f"num_agents is not set: pass --config.num_agents=K, K dividing the "
+          f"{c} classes of {config.dataset}: one of "
+          f"{[k for k in range(1, c + 1) if c % k == 0]}"
+      )
+  elif positive_int("num_agents", config.num_agents) and dataset is not None:
     c = dataset.num_classes
     need(
         c % config.num_agents == 0 and config.num_agents <= c,

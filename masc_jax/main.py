@@ -27,7 +27,7 @@ flags.DEFINE_string(
     "config",
     None,
     "Config: a registered name ("
-    + ", ".join(config_lib.REGISTERED)
+    + config_lib.known_names()
     + "), NAME:ARG, or a path "
     "to a get_config() file. Override any field with --config.FIELD=VALUE.",
 )
@@ -106,7 +106,7 @@ def _config_args(argv: list[str]) -> tuple[str, list[str], list[str]]:
       rest.append(arg)
   if not spec:
     raise config_lib.ConfigError(
-        f"--config is required: one of {', '.join(config_lib.REGISTERED)} "
+        f"--config is required: one of {config_lib.known_names()} "
         "(try --config=digits, which runs offline)"
     )
   return spec, overrides, rest

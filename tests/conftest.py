@@ -43,6 +43,29 @@ def tiny_run(tmp_path_factory):
   return workdir, results, lines
 
 
+# Overrides for a fast end-to-end run of a 10-class 32x32 dataset (K=5): very
+# narrow networks with two pools, one vmapped program for the agents (the
+# quickest to compile), 1 epoch per stage, no ablation stages. The
+# Fashion-MNIST and tfds:NAME tests share them, so the compiled programs are
+# the same and the session's compilation cache builds them once.
+TINY_RUN_OVERRIDES = [
+    "model.expert_widths=(4,8)",
+    "model.collective_widths=(8,8)",
+    "model.pool_after=(0,1)",
+    "model.head_hidden=(16,)",
+    "agent_map=vmap",
+    "batch_size=8",
+    "eval_batch_size=50",
+    "epochs.experts=1",
+    "epochs.collective=1",
+    "epochs.altruism=1",
+    "ablations=False",
+    "seeds=0",
+    "log_every_steps=5",
+    "checkpoint_every_steps=100",
+]
+
+
 def run_main(args, env_extra=None, timeout=600, **kwargs):
   """``python -m masc_jax.main ARGS`` in a subprocess; returns the CompletedProcess."""
   env = {**os.environ, **(env_extra or {})}

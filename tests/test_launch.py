@@ -1049,6 +1049,42 @@ def test_prepare_rejects_unknown_dataset(dataset, sandbox):
   assert sandbox.calls() == []
 
 
+@pytest.mark.parametrize(
+    "dataset, built",
+    [
+        ("fashion_mnist", "fashion_mnist"),
+        ("tfds:svhn_cropped", "svhn_cropped"),
+        ("tfds:emnist/letters", "emnist/letters"),
+    ],
+)
+def test_prepare_fashion_mnist_and_any_tfds_name(dataset, built, sandbox):
+  result = run(
+      "prepare_data.sh",
+      dataset,
+      "--data-dir=/data/tfds",
+      "--no-install",
+      "--dry-run",
+      env=sandbox.env(),
+  )
+  assert result.returncode == 0, result.stderr
+  (cmd,) = commands(result.stdout)
+  assert cmd[1:] == [
+      "build",
+      built,
+      "--file_format=array_record",
+      "--data_dir=/data/tfds",
+  ]
+
+
+@pytest.mark.parametrize(
+    "dataset", ["tfds:", "tfds:SVHN", "tfds:svhn cropped", "tfds:mnist:3.0.1"]
+)
+def test_prepare_rejects_a_bad_tfds_name(dataset, sandbox):
+  result = run("prepare_data.sh", dataset, "--dry-run", env=sandbox.env())
+  assert result.returncode == 2
+  assert "bad TFDS name" in result.stderr and "+ " not in result.stdout
+
+
 def test_prepare_needs_a_dataset(sandbox):
   result = run("prepare_data.sh", "--dry-run", env=sandbox.env())
   assert result.returncode == 2

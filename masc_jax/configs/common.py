@@ -32,9 +32,13 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  config.dataset = "cifar100"  # cifar100 | cifar10 | digits
-  config.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or TFDS's default
-  config.num_agents = 4  # K; the classes split into K equal groups
+  # cifar100 | cifar10 | fashion_mnist | digits | tfds:NAME (any prepared TFDS
+  # image-classification dataset).
+  config.dataset = "cifar100"
+  # TFDS data dir; "" = $TFDS_DATA_DIR or TFDS's default. fashion_mnist also
+  # takes a folder of IDX files, and searches the Debian package's folder.
+  config.data_dir = ""
+  config.num_agents = 4  # K; the classes split into K equal groups (0: unset)
   config.class_order_seed = (
       -1
   )  # -1: label order; else a seeded class permutation

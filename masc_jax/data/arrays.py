@@ -22,8 +22,11 @@ class DatasetInfo:
     mean: per-channel mean of pixel / 255 used for normalisation, or None:
       computed from the loaded train split.
     std: per-channel std of pixel / 255, or None: computed from the train split.
-    source: where the data comes from: "tfds" (a prepared TFDS array_record
-      directory) or "sklearn" (bundled with scikit-learn, always available).
+    source: where the data comes from: "tfds" (a registered TFDS dataset
+      prepared as array_record), "tfds_files" (any prepared TFDS dataset,
+      described from its files: ``tfds:NAME``), "idx" (IDX files or a TFDS
+      copy: ``masc_jax.data.fashion_mnist``) or "sklearn" (bundled with
+      scikit-learn, always available).
   """
 
   name: str
@@ -35,7 +38,11 @@ class DatasetInfo:
 
 
 class DatasetNotPreparedError(RuntimeError):
-  """A TFDS dataset is not available (as array_record) in the data directory."""
+  """A dataset is not where it was looked for, or its files are damaged or unusable.
+
+  The message says what is wrong and how to get the data; the entry point
+  prints it as one line and exits with status 2.
+  """
 
 
 def check_split(

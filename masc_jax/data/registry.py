@@ -12,6 +12,12 @@ Datasets:
   * `cifar10`, `cifar100`  read from a TFDS data directory prepared as
     array_record, via `tfds.data_source` (random access, no TensorFlow):
     `masc_jax.data.tfds_source`.
+  * `fashion_mnist`  IDX files (a folder, or the Debian package's) or a
+    prepared TFDS copy, padded to 32x32: `masc_jax.data.fashion_mnist`.
+  * `tfds:NAME`  any prepared TFDS image-classification dataset. Its entry is
+    made from the prepared files' own description the first time
+    `dataset_info` is asked for it (`tfds_source.describe`); mean / std are
+    computed from its train split on load and cached beside the data.
 
 Importing this module imports only NumPy: scikit-learn and
 tensorflow_datasets are imported when a dataset is loaded, so configuration
@@ -49,6 +55,17 @@ DATASETS: dict[str, DatasetInfo] = {
             std=(0.2470, 0.2435, 0.2616),
             source="tfds",
         ),
+        # Fashion-MNIST's 28x28 images are zero-padded to 32x32 on load, so
+        # the networks' five 2x2 pools apply unchanged. mean / std: the
+        # standard statistics of the unpadded train split (pixel / 255).
+        DatasetInfo(
+            name="fashion_mnist",
+            num_classes=10,
+            image_shape=(32, 32, 1),
+            mean=(0.2860,),
+            std=(0.3530,),
+            source="idx",
+        ),
         DatasetInfo(
             name="digits",
             num_classes=10,
@@ -65,6 +82,11 @@ _DIGITS_NUM_TEST = 500
 _DIGITS_SPLIT_SEED = 0
 
 
+def _given(data_dir: str | os.PathLike[str] | None) -> str | None:
+  """``data_dir`` as a string, None if not given (or empty)."""
+  return os.fspath(data_dir) if data_dir else None
+
+
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> str:
   """The TFDS data directory to read: the argument, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
 
@@ -72,7 +94,7 @@ def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> str:
   TFDS_DATA_DIR once at import; resolving ourselves also lets error messages
   name the directory that was actually searched.
   """
-  if data_dir is not None:
+  if data_dir:
     return os.fspath(data_dir)
   return os.environ.get(
       "TFDS_DATA_DIR",
@@ -80,13 +102,57 @@ def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> str:
   )
 
 
-def _info(name: str) -> DatasetInfo:
-  """The table entry of `name`; ValueError naming the valid names if unknown."""
+# Names of datasets read by name from a TFDS data directory: "tfds:NAME".
+TFDS_PREFIX = "tfds:"
+
+
+def is_tfds_name(name: object) -> bool:
+  """``tfds:NAME``: any prepared TFDS image-classification dataset."""
+  return (
+      isinstance(name, str)
+      and name.startswith(TFDS_PREFIX)
+      and len(name) > len(TFDS_PREFIX)
+  )
+
+
+def dataset_info(
+    name: str, data_dir: str | os.PathLike[str] | None = None
+) -> DatasetInfo:
+  """The table entry of ``name``; for ``tfds:NAME``, made from the prepared files and added to the table.
+
+  Args:
+    name: a key of DATASETS, or ``tfds:NAME``.
+    data_dir: where a ``tfds:NAME`` dataset is prepared (default:
+      $TFDS_DATA_DIR, else ~/tensorflow_datasets); unused for other names.
+
+  Raises:
+    ValueError: an unknown name.
+    DatasetNotPreparedError: (one line) ``tfds:NAME`` is not prepared there,
+      or is not an image-classification dataset with train and test splits.
+  """
+  if is_tfds_name(name):
+    from masc_jax.data import tfds_source  # local: imports TFDS
+
+    prepared = tfds_source.describe(
+        name[len(TFDS_PREFIX) :], _resolve_data_dir(data_dir)
+    )
+    info = DatasetInfo(
+        name=name,
+        num_classes=prepared.num_classes,
+        image_shape=prepared.image_shape,
+        mean=None,
+        std=None,
+        source="tfds_files",
+    )
+    DATASETS[name] = info
+    return info
   try:
     return DATASETS[name]
   except (KeyError, TypeError):
     raise ValueError(
-        f"Unknown dataset {name!r}; valid names are {', '.join(DATASETS)}."
+        f"Unknown dataset {name!r}; valid names are "
+        f"{', '.join(n for n in DATASETS if not is_tfds_name(n))}, or "
+        f"{TFDS_PREFIX}NAME for a prepared TFDS dataset."
     ) from None
 
 
@@ -96,22 +162,31 @@ def load_dataset(
   """Loads a whole dataset into host memory.
 
   Args:
-    name: a key of DATASETS.
+    name: a key of DATASETS, or ``tfds:NAME``.
     data_dir: TFDS data directory (ignored for `digits`); default: the
-      TFDS_DATA_DIR environment variable, else ~/tensorflow_datasets.
+      TFDS_DATA_DIR environment variable, else ~/tensorflow_datasets. For
+      `fashion_mnist`, a folder of IDX files or a TFDS data directory; default:
+      the TFDS data directory, else the Debian package's folder.
 
   Returns:
     An ArrayDataset with uint8 images and int32 labels.
 
   Raises:
     ValueError: unknown name.
-    DatasetNotPreparedError: a CIFAR dataset is not prepared in data_dir.
+    DatasetNotPreparedError: the dataset is not where it was looked for, or
+      its files are damaged.
   """
-  info = _info(name)
+  info = dataset_info(name, data_dir)
   if info.source == "sklearn":
     return _load_digits(info)
-  from masc_jax.data import tfds_source  # local: only the CIFAR path needs it
+  if info.source == "idx":
+    from masc_jax.data import fashion_mnist  # local: the IDX path only
 
+    return fashion_mnist.load(info, _given(data_dir))
+  from masc_jax.data import tfds_source  # local: only the TFDS paths need it
+
+  if info.source == "tfds_files":
+    return tfds_source.load_prepared(info, _resolve_data_dir(data_dir))
   return tfds_source.load(info, _resolve_data_dir(data_dir))
 
 
@@ -121,10 +196,17 @@ def check_dataset_available(
   """Raises DatasetNotPreparedError if `name` cannot be loaded; reads no records.
 
   Meant to validate a run's configuration before anything expensive starts.
-  `digits` (source "sklearn") is bundled with scikit-learn, so it is always available.
+  `digits` (source "sklearn") is bundled with scikit-learn, so it is always
+  available; a ``tfds:NAME`` dataset is available once `dataset_info` can
+  describe it.
   """
-  info = _info(name)
-  if info.source == "sklearn":
+  info = dataset_info(name, data_dir)
+  if info.source in ("sklearn", "tfds_files"):
+    return
+  if info.source == "idx":
+    from masc_jax.data import fashion_mnist
+
+    fashion_mnist.locate(_given(data_dir))
     return
   from masc_jax.data import tfds_source
 
