@@ -81,7 +81,10 @@ def test_load_errors(spec, overrides, message):
         ),
         ("agent_map='pmap'", "agent_map must be one of auto, vmap, unroll"),
         ("epochs.collective=0", "epochs.collective must be an integer >= 1"),
-        ("dataset='mnist'", "dataset must be one of cifar100, cifar10, digits"),
+        (
+            "dataset='mnist'",
+            "dataset must be one of cifar100, cifar10, fashion_mnist, digits, tfds:NAME",
+        ),
         (
             "model.expert_widths=(16, 0)",
             "model.expert_widths must be a non-empty list of positive integers",

@@ -82,7 +82,8 @@ def test_digits_always_available() -> None:
 
 def test_unknown_dataset_name() -> None:
   with pytest.raises(
-      ValueError, match=r"'imagenet'.*cifar100, cifar10, digits"
+      ValueError,
+      match=r"'imagenet'.*cifar100, cifar10, fashion_mnist, digits, or tfds:NAME",
   ):
     registry.load_dataset("imagenet")
   with pytest.raises(ValueError, match="imagenet"):
@@ -90,7 +91,12 @@ def test_unknown_dataset_name() -> None:
 
 
 def test_dataset_table() -> None:
-  assert list(registry.DATASETS) == ["cifar100", "cifar10", "digits"]
+  assert [n for n in registry.DATASETS if not registry.is_tfds_name(n)] == [
+      "cifar100",
+      "cifar10",
+      "fashion_mnist",
+      "digits",
+  ]
   for name, info in registry.DATASETS.items():
     assert info.name == name
     assert len(info.image_shape) == 3
@@ -117,6 +123,12 @@ def test_dataset_table() -> None:
   assert {registry.DATASETS[n].source for n in ("cifar100", "cifar10")} == {
       "tfds"
   }
+  fashion = registry.DATASETS["fashion_mnist"]
+  assert (fashion.num_classes, fashion.image_shape, fashion.source) == (
+      10,
+      (32, 32, 1),
+      "idx",
+  )
 
 
 def test_digits_matches_table(digits: arrays.ArrayDataset) -> None:

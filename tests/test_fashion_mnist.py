@@ -274,11 +274,12 @@ def test_end_to_end(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())
-  k, rows, _ = schema.validate(results)
+  (member,) = results["members"]  # seeds=0: a population of one
+  k, rows, _ = schema.validate(member)
   assert k == 5
-  assert results["class_groups"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+  assert member["class_groups"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
   # No ablation stages: no RA-only row (CC only is the collective alone).
-  assert set(results["rows"]) == {"before_growth", "after_growth", "cc_only"}
+  assert set(member["rows"]) == {"before_growth", "after_growth", "cc_only"}
   for row in rows.values():
     for values in row.values():
       assert np.all((values >= 0) & (values <= 1))
