@@ -4,6 +4,7 @@ hand-worked population, results.json round trips, report.png and sweep.png."""
 import copy
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -427,3 +428,179 @@ def test_plot_sweep_needs_a_sweep(tmp_path):
   with pytest.raises(ValueError, match="no sweep"):
     plot_sweep(hand_population(), str(tmp_path / "sweep.png"))
   assert not (tmp_path / "sweep.png").exists()
+
+
+# ----------------------------------------------------------------------------- joint training
+
+# The joint-training reference row (one network, the CE-only collective, trained
+# on all agents' data) from fixed predictions: K = 2 agents, classes {0, 1} and
+# {2, 3}, eight test images, one network's [N] answers per member.
+JOINT_GROUPS = np.array([[0, 1], [2, 3]])
+JOINT_LABELS = np.array([0, 1, 2, 3, 0, 2, 1, 3])
+JOINT_ANSWERS = np.array(
+    [
+        # right: yes no yes yes no no yes yes -> group 0 (images 0 1 4 6) 2/4,
+        # group 1 (images 2 3 5 7) 3/4, all 5/8.
+        [0, 0, 2, 3, 1, 1, 1, 3],
+        [0, 1, 2, 0, 0, 2, 1, 3],
+        [1, 1, 0, 3, 0, 0, 0, 3],
+    ]
+)
+
+
+def joint_population():
+  """Three members whose only row is the joint one, as the evaluation makes it.
+
+  The stage table answers every agent's line with the one network
+  (``[K, N]``, tests/test_stages.py checks that), and the society's routing
+  over K identical networks gives that network's answer.
+  """
+  from masc_jax.training.evaluation import results_from_predictions
+
+  k, n = JOINT_GROUPS.shape[0], JOINT_LABELS.size
+  members = [
+      results_from_predictions(
+          {
+              "joint": np.broadcast_to(answers, (k, n)),
+              "society_joint": answers,
+              "ce": answers,
+          },
+          JOINT_LABELS,
+          JOINT_GROUPS,
+          rows=("joint",),
+          collectives=("ce",),
+      )
+      for answers in JOINT_ANSWERS
+  ]
+  return {
+      "population": {
+          "members": [{"seed": i, "settings": {}} for i in range(3)],
+          "swept": [],
+      },
+      "members": members,
+      "aggregate": ps.aggregate(members),
+  }
+
+
+def joint_by_loops(answers):
+  """Per agent group: (accuracy on its classes, on the others'), and overall."""
+  own, other = [], []
+  for group in JOINT_GROUPS.tolist():
+    mine = [i for i, y in enumerate(JOINT_LABELS) if y in group]
+    rest = [i for i, y in enumerate(JOINT_LABELS) if y not in group]
+    own.append(sum(answers[i] == JOINT_LABELS[i] for i in mine) / len(mine))
+    other.append(sum(answers[i] == JOINT_LABELS[i] for i in rest) / len(rest))
+  overall = sum(a == y for a, y in zip(answers, JOINT_LABELS)) / len(answers)
+  return own, other, overall
+
+
+def test_joint_training_row_against_accuracies_by_hand(tmp_path):
+  results = joint_population()
+  first = results["members"][0]
+  # Member 0, worked by hand above.
+  assert first["rows"]["joint"]["expert"] == [0.5, 0.75]
+  assert first["rows"]["joint"]["general"] == [0.75, 0.5]
+  assert first["society_accuracy"]["joint"] == 0.625
+  by_loops = [joint_by_loops(answers) for answers in JOINT_ANSWERS]
+  for member, (own, other, overall) in zip(results["members"], by_loops):
+    np.testing.assert_allclose(member["rows"]["joint"]["expert"], own)
+    np.testing.assert_allclose(member["rows"]["joint"]["general"], other)
+    np.testing.assert_allclose(
+        member["rows"]["joint"]["average"],
+        (np.array(own) + np.array(other)) / 2,
+    )
+    assert member["society_accuracy"]["joint"] == overall
+    assert member["collective_accuracy"]["ce"] == overall
+    # One network: no per-group matrix, no directionality.
+    assert "joint" not in member["group_accuracy"]
+    assert "joint" not in member["directionality"]
+
+  write_results(str(tmp_path), results)
+  with open(tmp_path / "results.json") as f:
+    loaded = json.load(f)
+  assert (
+      loaded["members"][2]["rows"]["joint"]
+      == results["members"][2]["rows"]["joint"]
+  )
+  parts = sections((tmp_path / "results.md").read_text())
+  table = parts["Joint training (CE-only collective)"]
+  assert any("upper bound" in line for line in table)
+  for a in range(2):
+    assert cells(line_starting(table, f"| Agent {a} |")) == [
+        f"Agent {a}",
+        expected_cell([own[a] for own, _, _ in by_loops]),
+        expected_cell([other[a] for _, other, _ in by_loops]),
+        expected_cell([(own[a] + other[a]) / 2 for own, other, _ in by_loops]),
+    ]
+  assert cells(line_starting(parts["Summary"], "| Joint training")) == [
+      "Joint training (CE-only collective)",
+      expected_cell([np.mean(own) for own, _, _ in by_loops]),
+      expected_cell([np.mean(other) for _, other, _ in by_loops]),
+      expected_cell(
+          [(np.mean(own) + np.mean(other)) / 2 for own, other, _ in by_loops]
+      ),
+      expected_cell([overall for _, _, overall in by_loops]),
+      "-",
+  ]
+  assert "its own accuracy over all classes" in "\n".join(parts["Summary"])
+  assert "Accuracy per class group" not in parts
+  # The statistics in results.json: the joint row over the three members.
+  overall = loaded["aggregate"]["society_accuracy"]["joint"]
+  want = (
+      stats.t.ppf(0.975, 2)
+      * np.std([o for _, _, o in by_loops], ddof=1)
+      / np.sqrt(3)
+  )
+  assert overall["n"] == 3
+  np.testing.assert_allclose(overall["half_width"], want)
+
+
+def test_report_png_draws_the_joint_training_row(tmp_path, monkeypatch):
+  from matplotlib.axes import Axes
+
+  bars = {}  # legend -> the heights drawn
+  real = Axes.bar
+
+  def record(self, x, height, *args, label=None, **kwargs):
+    bars[label] = np.asarray(height, dtype=float)
+    return real(self, x, height, *args, label=label, **kwargs)
+
+  monkeypatch.setattr(Axes, "bar", record)
+  plot_report(joint_population(), str(tmp_path / "report.png"))
+  assert_png(str(tmp_path / "report.png"))
+  by_loops = [joint_by_loops(answers) for answers in JOINT_ANSWERS]
+  # (b) per agent group: the members' mean Expert and General.
+  np.testing.assert_allclose(
+      bars["Expert - Joint training (CE-only collective)"],
+      np.mean([own for own, _, _ in by_loops], axis=0),
+  )
+  np.testing.assert_allclose(
+      bars["General - Joint training (CE-only collective)"],
+      np.mean([other for _, other, _ in by_loops], axis=0),
+  )
+  # (c) the row's mean General and its accuracy over all classes.
+  (overall_legend,) = [l for l in bars if l.startswith("society accuracy")]
+  assert "its accuracy over all classes" in overall_legend
+  np.testing.assert_allclose(
+      bars[overall_legend], [np.mean([o for _, _, o in by_loops])]
+  )
+
+
+def test_report_png_with_every_row_lays_out(tmp_path):
+  # Six bars per agent and five rows' labels: the legends and labels still fit
+  # (matplotlib warns when constrained layout gives up).
+  members = [
+      make_member(60 + i, rows=("before_growth", "after_growth", "joint"))
+      for i in range(2)
+  ]
+  results = {
+      "population": {
+          "members": [{"seed": i, "settings": {}} for i in range(2)],
+          "swept": [],
+      },
+      "members": members,
+  }
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    plot_report(results, str(tmp_path / "report.png"))
+  assert_png(str(tmp_path / "report.png"))

@@ -465,6 +465,8 @@ def test_sweep_two_fields_keeps_first_appearance_order():
     [
         (("before_growth", "cc_only"), "cc_only"),
         (("before_growth",), "before_growth"),
+        # The joint-training reference is one network, never the society's row.
+        (("before_growth", "cc_only", "joint"), "cc_only"),
     ],
 )
 def test_sweep_best_falls_back_to_the_last_row_present(rows, judged):

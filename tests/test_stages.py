@@ -749,9 +749,12 @@ def test_stage_table_predictions(trained) -> None:
         logits["cc"], logits["cc_heads"]
     )
   if "collective_ce" in present:
+    ce = np.argmax(logits["ce"], -1)
+    # Joint training: the CE-only collective answers for every agent and the society.
+    expected.update(ce=ce, joint=np.broadcast_to(ce, (K, n)), society_joint=ce)
+  if "heads_ce" in present:
     grown = _np_grown(logits["ce"], logits["ce_heads"])
     expected.update(
-        ce=np.argmax(logits["ce"], -1),
         ra_only=np.argmax(grown, -1),
         society_ra_only=_np_route(grown),
     )
@@ -768,7 +771,13 @@ def test_stage_table_predictions(trained) -> None:
         np.testing.assert_array_equal(got, value, err_msg=name)
   assert set(out) == set(expected)
   for key, value in expected.items():
-    per_agent = key in ("before_growth", "after_growth", "ra_only", "cc_only")
+    per_agent = key in (
+        "before_growth",
+        "after_growth",
+        "ra_only",
+        "cc_only",
+        "joint",
+    )
     assert out[key].shape == ((K, n) if per_agent else (n,)), key
     assert jnp.issubdtype(out[key].dtype, jnp.integer), key
     np.testing.assert_array_equal(np.asarray(out[key]), value, err_msg=key)

@@ -30,7 +30,7 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_run):
       "swept": [],
   }
   (member,) = results["members"]
-  assert set(member["rows"]) == set(ROWS)
+  assert set(member["rows"]) == set(ROWS) | {"joint"}
   general = results["aggregate"]["rows"]["after_growth"]["general"]["mean"]
   assert general["n"] == 1 and general["mean"] == np.mean(
       member["rows"]["after_growth"]["general"]
@@ -85,6 +85,37 @@ def test_results_rows_agree_with_the_group_accuracy_matrices(tiny_run):
     assert results["directionality"][row] == bool(
         np.all(np.diag(acc) >= acc.max(axis=0))
     )
+
+
+def test_joint_training_row_is_the_ce_only_collective_per_agent_group(tiny_run):
+  """Its Expert / General per group recombine, weighted by the groups' test
+  images, into its accuracy over all classes: the CE-only collective's."""
+  workdir, results, _ = tiny_run
+  (member,) = results["members"]
+  joint = member["rows"]["joint"]
+  groups = np.asarray(member["class_groups"])
+  test_labels = registry.load_dataset("digits").test_labels
+  sizes = np.bincount(
+      metrics.label_group(test_labels, groups), minlength=len(groups)
+  )
+  overall = member["collective_accuracy"]["ce"]
+  assert member["society_accuracy"]["joint"] == overall
+  np.testing.assert_allclose(
+      np.sum(np.asarray(joint["expert"]) * sizes) / sizes.sum(), overall
+  )
+  for a in range(len(groups)):
+    right_elsewhere = overall * sizes.sum() - joint["expert"][a] * sizes[a]
+    np.testing.assert_allclose(
+        joint["general"][a], right_elsewhere / (sizes.sum() - sizes[a])
+    )
+  assert "joint" not in member["directionality"]
+  assert "joint" not in member["group_accuracy"]
+  with open(os.path.join(workdir, "results.json")) as f:
+    written = json.load(f)
+  assert written["members"][0]["rows"]["joint"] == joint
+  assert written["aggregate"]["society_accuracy"]["joint"]["mean"] == overall
+  with open(os.path.join(workdir, "results.md")) as f:
+    assert "## Joint training (CE-only collective)\n" in f.read()
 
 
 def test_before_growth_agents_know_only_their_own_classes(tiny_run):
@@ -189,6 +220,9 @@ def test_a_stage_registered_from_outside_is_trained_and_reported(
     evals = [r["stage"] for r in map(json.loads, f) if "eval" in r]
   assert evals == ["experts", "collective", "altruism", "altruism_again"]
   with open(os.path.join(tmp_path, "results.md")) as f:
-    assert "after growth again" in f.read()
+    markdown = f.read()
+  assert "after growth again" in markdown
+  # No ablations: no CE-only collective, so no joint-training row anywhere.
+  assert "Joint training" not in markdown
   with pytest.raises(ValueError, match="already exists"):
     protocol.register_stage(again, after="altruism")

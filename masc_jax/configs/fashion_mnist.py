@@ -13,8 +13,9 @@ shift of up to 2 pixels (crop after 2 pixels of zero padding: the garment
 never leaves the frame) and a random horizontal flip.
 
 Default: five blocks, a pool after each (32 -> 1), widths 8-32 (experts) and
-16-64 (the collective), one hidden layer of 128; SGD lr 0.05, batch 32; 1
-epoch for the experts and the collective, 2 for reciprocal altruism; three
+16-64 (the collective), one hidden layer of 128; the paper's SGD (lr 0.005,
+momentum 0.9, weight decay 5e-4), batch 32; 1 epoch per stage, the ablation
+stages included (the RA-only row and the joint-training reference); three
 seeds trained together (one seed is not a result). Sized from measurements on
 a loaded 2-core CPU (NOTES_data.md) to finish in about FIXME minutes with a
 warm compilation cache.

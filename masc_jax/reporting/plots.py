@@ -3,8 +3,9 @@
 :func:`plot_report` draws, from the results dict of ``masc_jax.reporting.report``
 (one seed or a population): (a) agents x class-groups accuracy heatmaps
 (before / after growth, the mean over members), (b) per-agent Expert and
-General bars and (c) every row's mean General and society accuracy, the bars
-with their 95% intervals over members as error bars (none for one member).
+General bars (with the joint-training reference row when the run has it) and
+(c) every row's mean General and society accuracy, the bars with their 95%
+intervals over members as error bars (none for one member).
 :func:`plot_sweep` draws a sweep's headline numbers against the swept values.
 The images are ``REPORT_FIGSIZE`` (``SWEEP_FIGSIZE``) * ``REPORT_DPI`` pixels.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import io
 import numbers
 import sys
+import textwrap
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +44,9 @@ _PALETTE = {
     "expert": ("#9ecae1", "#2171b5"),
     "general": ("#fdae6b", "#d94801"),
 }
+# A reference row's bars (schema.REFERENCE_ROWS: one network trained on all the
+# data) in greys, dotted: beside the society's rows, not one of them.
+_REFERENCE_PALETTE = {"expert": "#737373", "general": "#d9d9d9"}
 
 
 def _render_png(
@@ -144,7 +149,8 @@ def _error_bars(
   ax.legend(
       loc="upper center",
       bbox_to_anchor=(0.5, -0.12),
-      ncol=max(1, len(series)),
+      # One line of up to four entries, else two lines (six with the joint row).
+      ncol=len(series) if len(series) <= 4 else -(-len(series) // 2),
       fontsize=9,
       frameon=False,
   )
@@ -217,9 +223,11 @@ def plot_report(
   (a) agents x class-groups accuracy heatmaps (before / after growth, else the
   first two rows that have them; the mean over members; shared 0..1 colour
   scale, owner cells outlined in red); (b) per-agent Expert and General (the
-  same rows; after growth in solid colours); (c) every row's mean General and
-  society accuracy. Bars carry their 95% interval over the members as error
-  bars (none for one member). With ``curves`` (stage -> evaluations during
+  same rows; after growth in solid colours; and the joint-training reference,
+  ``schema.REFERENCE_ROWS``, in dotted greys); (c) every row's mean General and
+  society accuracy (a reference row's: its accuracy over all classes). Bars
+  carry their 95% interval over the members as error bars (none for one
+  member). With ``curves`` (stage -> evaluations during
   and at the end of training, ``[{"epoch", "members": [{figure: value}]}]``,
   as ``config.eval_every_epochs`` records them) of more than the stages' ends:
   (d) each stage's summary numbers against the epoch, the members' mean (and
@@ -238,7 +246,8 @@ def plot_report(
   heat_rows = [r for r in ("before_growth", "after_growth") if r in groups]
   heat_rows = heat_rows or schema.ordered_rows(groups)[:2]
   bar_rows = [r for r in ("before_growth", "after_growth") if r in rows]
-  bar_rows = bar_rows or list(rows)[:2]
+  bar_rows = bar_rows or [r for r in rows if r not in schema.REFERENCE_ROWS][:2]
+  reference_rows = [r for r in rows if r in schema.REFERENCE_ROWS]
 
   def draw(fig):
     import matplotlib
@@ -302,6 +311,16 @@ def plot_report(
                 None if strong else "//",
             )
         )
+    for name in reference_rows:
+      for m in ("expert", "general"):
+        series.append(
+            (
+                f"{m.capitalize()} - {schema.row_title(name)}",
+                rows[name][m]["per_agent"],
+                _REFERENCE_PALETTE[m],
+                "..",
+            )
+        )
     ax_agents = fig.add_subplot(grid[1, :])
     _error_bars(ax_agents, [f"agent {a}" for a in range(k)], series)
     ax_agents.set_title(
@@ -310,7 +329,8 @@ def plot_report(
 
     # (c) per-row bars
     labels = [
-        schema.row_title(r)
+        # Wrapped: five rows' titles side by side would overlap.
+        textwrap.fill(schema.row_title(r), 24)
         + (
             "\n" + _directionality_text(direction[r], single)
             if direction.get(r, {}).get("of")
@@ -330,7 +350,13 @@ def plot_report(
                 None,
             ),
             (
-                "society accuracy",
+                "society accuracy"
+                + (
+                    f" ({', '.join(map(schema.row_title, reference_rows))}:"
+                    " its accuracy over all classes)"
+                    if reference_rows
+                    else ""
+                ),
                 [society.get(r) for r in rows],
                 "#41ab5d",
                 None,

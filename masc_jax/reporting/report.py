@@ -16,19 +16,25 @@ Every run's results are one plain, JSON-able dict, written by the training loop
       "config": {...},                         # optional
     }
 
-One member's tables (rows may be missing when a run had no ablations)::
+One member's tables (rows may be missing: "ra_only" and the joint-training
+reference "joint" come from the ablation stages)::
 
     {
       "num_agents": K,
       "class_groups": [[...], ...],            # [K][M] class ids per agent
       "rows": {row: {"expert": [K], "general": [K], "average": [K]}},
-      "group_accuracy": {row: [[K] * K]},      # [agent][class group]
-      "society_accuracy": {row: float},
-      "directionality": {row: bool},
+      "group_accuracy": {row: [[K] * K]},      # [agent][class group]; none for "joint"
+      "society_accuracy": {row: float},        # "joint": its accuracy over all classes
+      "directionality": {row: bool},           # none for "joint"
       "collective_accuracy": {"cc": float, "ce": float},                  # optional
       "routing_diagnostics": {row: {...}},  # optional: masc_jax.reporting.routing_diagnostics.diagnose
                                             # output per row (schema in that module)
     }
+
+"joint" is a reference, not a state of the society (``schema.REFERENCE_ROWS``):
+one network, the CE-only collective, trained on all the agents' data; agent
+a's line holds its accuracy on agent a's classes (Expert) and on the others'
+(General).
 
 "aggregate" and "sweep" are recomputed from "members" when absent. Accuracies
 are fractions in [0, 1]; the Markdown shows them as percentages. Non-finite
@@ -334,6 +340,8 @@ def _row_lines(agg: Mapping, cell: _Cells) -> list[str]:
   ):  # results.json sorts keys: restore the table order
     row = agg["rows"][name]
     out += [f"## {schema.row_title(name)}", ""]
+    if name in schema.ROW_NOTES:
+      out += [schema.ROW_NOTES[name], ""]
     k = len(row["expert"]["per_agent"])
     lines = [
         [f"Agent {a}"] + [cell(row[m]["per_agent"][a]) for m in stats.METRICS]
@@ -385,6 +393,15 @@ def _summary_lines(
       f"Directionality: for every class group, its owner agent is the most accurate{counted}.",
       "",
   ]
+  references = [name for name in agg["rows"] if name in schema.REFERENCE_ROWS]
+  if references:
+    out += [
+        ", ".join(schema.row_title(name) for name in references)
+        + ": one network, not the society; its society accuracy is its own "
+        "accuracy over all classes, and it has no directionality (every agent "
+        "would be the same network).",
+        "",
+    ]
   if routing is not None:
     out += [f"Routing rule: {schema.routing_rule_text(routing, margin)}", ""]
   return out

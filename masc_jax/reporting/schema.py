@@ -20,8 +20,28 @@ ROW_TITLES = {
     "after_growth": "after growth (CC+RA)",
     "cc_only": "CC only",
     "ra_only": "RA only",
+    "joint": "Joint training (CE-only collective)",
 }
-ROW_ORDER = ("before_growth", "after_growth", "cc_only", "ra_only")
+ROW_ORDER = ("before_growth", "after_growth", "cc_only", "ra_only", "joint")
+# Rows of one network answering for every agent, as a reference for the
+# society rather than a state of it: the CE-only collective, trained on every
+# agent's data at once (the upper bound of class-incremental learning). Per
+# agent group: Expert is its accuracy on that agent's classes, General on the
+# other agents' classes; its "society accuracy" is its own accuracy over all
+# classes. Every agent would be the same network, so such a row has no
+# directionality and no per-group matrix (its Expert column is that), and a
+# population is never judged on it (``stats.headline_row``).
+REFERENCE_ROWS = ("joint",)
+# What a reference row's table means, printed under its title in results.md.
+ROW_NOTES = {
+    "joint": (
+        "One network trained with cross-entropy alone on all agents' data at "
+        "once (the ablations' CE-only collective): the usual upper bound of "
+        "class-incremental learning, not an agent of the society. Agent a's "
+        "line: its accuracy on agent a's classes (Expert) and on the other "
+        "agents' classes (General)."
+    ),
+}
 
 COLLECTIVE_TITLES = {
     "cc": "collective network trained with the CC terms",

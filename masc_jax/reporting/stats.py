@@ -194,8 +194,10 @@ def member_headline(result: Mapping) -> dict[str, dict[str, float]]:
 def headline_row(row_names: Iterable[str]) -> str | None:
   """The row a population is judged on: after growth when present, else the
   last row of ``reporting.ROW_ORDER`` present, else the last other row by name.
+
+  Never a reference row (``schema.REFERENCE_ROWS``: one network, not the society).
   """
-  names = list(row_names)
+  names = [r for r in row_names if r not in schema.REFERENCE_ROWS]
   if "after_growth" in names:
     return "after_growth"
   known = [r for r in schema.ROW_ORDER if r in names]

@@ -16,7 +16,7 @@ import numpy as np
 
 from masc_jax.data import batches
 from masc_jax.method import metrics
-from masc_jax.reporting import routing_diagnostics
+from masc_jax.reporting import routing_diagnostics, schema
 
 PyTree = Any
 
@@ -66,6 +66,12 @@ def results_from_predictions(
     groups: ``[K, M]`` class ids per agent.
     rows: the per-agent rows to tabulate (``protocol.StageSpec.rows``).
     collectives: the collectives whose accuracy over all classes to report.
+
+  A reference row (``schema.REFERENCE_ROWS``: one network answering for every
+  agent) gets its Expert / General / Average per agent group and its accuracy
+  over all classes (``society_accuracy``), the same code path as every row,
+  but no group-accuracy matrix (K identical lines: its Expert column) and no
+  directionality (every agent ties with every other).
   """
   k = groups.shape[0]
   results: dict[str, Any] = {
@@ -82,8 +88,9 @@ def results_from_predictions(
     results["rows"][row] = {
         key: r[key] for key in ("expert", "general", "average")
     }
-    results["group_accuracy"][row] = r["group_accuracy"]
-    results["directionality"][row] = r["directionality"]
+    if row not in schema.REFERENCE_ROWS:
+      results["group_accuracy"][row] = r["group_accuracy"]
+      results["directionality"][row] = r["directionality"]
     results["society_accuracy"][row] = metrics.accuracy(
         predictions[f"society_{row}"], labels
     )

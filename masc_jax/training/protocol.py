@@ -13,7 +13,7 @@ from research code with ``register_stage``.
     experts        experts     per agent  experts         row before_growth
     collective     collective  pooled     collective      row cc_only, collective "cc"
     altruism       heads       per agent  heads           row after_growth
-    collective_ce  collective  pooled     collective_ce   collective "ce"      (ablation)
+    collective_ce  collective  pooled     collective_ce   row joint, collective "ce" (ablation)
     altruism_ce    heads       per agent  heads_ce        row ra_only          (ablation)
 """
 
@@ -298,9 +298,13 @@ STAGES: tuple[StageSpec, ...] = (
         **_HEADS,
     ),
     # The ablations: S trained with CE alone, then RA on it (the paper's "RA only").
+    # S trained with CE alone is also one network trained on all the society's
+    # data: its row "joint" is that reference, per agent group
+    # (reporting.schema.REFERENCE_ROWS).
     StageSpec(
         "collective_ce",
         variables_key="collective_ce",
+        rows=("joint",),
         collective="ce",
         loss=lambda config: "ce",
         ablation=True,
