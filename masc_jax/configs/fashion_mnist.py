@@ -1,7 +1,7 @@
 """Fashion-MNIST, the paper's CIFAR-10 protocol: K=5 agents x 2 classes.
 
     python -m masc_jax.main --config=fashion_mnist          # 3 seeds, sized for a 2-core CPU
-    python -m masc_jax.main --config=fashion_mnist:spec     # the spec's networks, 100 epochs
+    python -m masc_jax.main --config=fashion_mnist:spec     # the paper's networks, 100 epochs
 
 The data (60,000 train / 10,000 test 28x28 grayscale images) comes from
 --config.data_dir (a folder of the four IDX files, or a TFDS data dir), a
@@ -17,10 +17,10 @@ Default: five blocks, a pool after each (32 -> 1), widths 8-32 (experts) and
 momentum 0.9, weight decay 5e-4), batch 32; 1 epoch per stage, the ablation
 stages included (the RA-only row and the joint-training reference); three
 seeds trained together (one seed is not a result). Sized from measurements on
-a loaded 2-core CPU (NOTES_data.md) to finish in about FIXME minutes with a
+a loaded 2-core CPU (BUILD_NOTES.md) to finish in about FIXME minutes with a
 warm compilation cache.
 
-`:spec`: the spec's VGG widths (13 blocks, experts 64-256, the collective
+`:spec`: the paper's VGG widths (13 blocks, experts 64-256, the collective
 64-512), head 1024x1024, dropout 0.5, SGD lr 0.005, 100 epochs per stage plus
 the two ablation stages, one seed: about 490,000 steps (37,500 per agent
 stage, 187,500 per collective stage). For an accelerator: by the TPU
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
   config.model.dropout_rate = 0.2
   # The paper's optimiser (common.py: SGD lr 0.005, momentum 0.9, weight
   # decay 5e-4): lr 0.05 left the routing untrained after one epoch
-  # (after-growth General 37% against 70%, NOTES_data.md).
+  # (after-growth General 37% against 70%, BUILD_NOTES.md).
   config.epochs.experts = 1
   config.epochs.collective = 1
   config.epochs.altruism = 1

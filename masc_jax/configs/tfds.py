@@ -10,7 +10,7 @@ and splits are read from the prepared files; mean / std are computed from the
 train split once and cached beside the data (or in ~/.cache/masc_jax when
 that folder is read-only). ``num_agents`` has no default: K must divide the
 dataset's class count, and the error lists the choices. The networks are the
-spec's (five 2x2 pools: images need at least 32x32, else change
+paper's (five 2x2 pools: images need at least 32x32, else change
 ``model.pool_after``); 100 epochs per stage.
 """
 
