@@ -160,3 +160,51 @@ def test_bad_arguments() -> None:
         crop_padding=1,
         flip=False,
     )
+
+
+def _per_image_slice_crop_flip(
+    images: jax.Array, rng: jax.Array, *, crop_padding: int, flip: bool
+) -> jax.Array:
+  """The crop as one dynamic slice per image (the earlier implementation): the reference.
+
+  Same draws as ``random_crop_flip`` (the same key split, offsets and flips),
+  a different way of cutting the windows out.
+  """
+  *lead, h, w, c = images.shape
+  flat = images.reshape((-1, h, w, c))
+  n = flat.shape[0]
+  crop_key, flip_key = jax.random.split(rng)
+  p = crop_padding
+  padded = jnp.pad(flat, ((0, 0), (p, p), (p, p), (0, 0)))
+  offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
+  flat = jax.vmap(
+      lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))
+  )(padded, offsets)
+  if flip:
+    mirror = jax.random.bernoulli(flip_key, 0.5, (n,))
+    flat = jnp.where(mirror[:, None, None, None], flat[:, :, ::-1, :], flat)
+  return flat.reshape((*lead, h, w, c))
+
+
+@pytest.mark.parametrize(
+    "shape, p, flip, dtype",
+    [
+        ((64, 6, 7, 3), 2, True, np.uint8),
+        ((3, 5, 8, 8, 1), 1, False, np.uint8),  # [K, B, H, W, C]
+        ((16, 4, 4, 2), 4, True, np.float32),  # padding as large as the image
+        ((4, 32, 32, 3), 4, True, np.uint8),  # CIFAR's crop
+    ],
+)
+def test_crop_equals_per_image_slices(shape, p, flip, dtype) -> None:
+  """Bit for bit what cutting each image's window with its own dynamic slice gives."""
+  images = jnp.asarray(_images(shape, seed=p).astype(dtype))
+  for seed in range(3):
+    key = jax.random.key(seed)
+    got = jax.jit(
+        functools.partial(augment.random_crop_flip, crop_padding=p, flip=flip)
+    )(images, key)
+    expected = _per_image_slice_crop_flip(
+        images, key, crop_padding=p, flip=flip
+    )
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))

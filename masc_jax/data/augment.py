@@ -74,17 +74,56 @@ def random_crop_flip(
     p = crop_padding
     padded = jnp.pad(flat, ((0, 0), (p, p), (p, p), (0, 0)))
     offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
-
-    def crop_one(image: jax.Array, offset: jax.Array) -> jax.Array:
-      return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
-
-    flat = jax.vmap(crop_one)(padded, offsets)
+    # Image i's window starts at row offsets[i, 0] and column offsets[i, 1]. Taken
+    # as two selections among the 2p + 1 shifted copies (rows, then columns), not
+    # a per-image dynamic slice: XLA lowers a batch of dynamic slices to a gather
+    # that runs as a serial loop over the images on TPU, where this is one
+    # elementwise pass. It only selects pixels, so the result is the same.
+    # Columns and channels merged into one axis ([N, H + 2p, (W + 2p) * C]): a
+    # column shift is then a shift by C entries, and the short channel axis (3
+    # or 1) is not the minor axis of the selections, which TPUs pad to 128 lanes.
+    padded = padded.reshape((n, h + 2 * p, (w + 2 * p) * c))
+    rows = _select_shift(padded, offsets[:, 0], axis=1, size=h, max_shift=2 * p)
+    flat = _select_shift(
+        rows, offsets[:, 1], axis=2, size=w * c, max_shift=2 * p, stride=c
+    ).reshape((n, h, w, c))
 
   if flip:
     mirror = jax.random.bernoulli(flip_key, 0.5, (n,))
     flat = jnp.where(mirror[:, None, None, None], flat[:, :, ::-1, :], flat)
 
   return flat.reshape((*lead, h, w, c))
+
+
+def _select_shift(
+    x: jax.Array,
+    shifts: jax.Array,
+    *,
+    axis: int,
+    size: int,
+    max_shift: int,
+    stride: int = 1,
+) -> jax.Array:
+  """Per image ``i``, ``size`` entries of ``x[i]`` along ``axis`` from ``shifts[i] * stride`` on.
+
+  Args:
+    x: [N, ...] with at least ``size + max_shift * stride`` entries along ``axis``.
+    shifts: [N] int in [0, max_shift].
+    axis: the axis to cut (static, > 0).
+    size: entries kept (static).
+    max_shift: the largest shift (static).
+    stride: entries per unit of shift (static).
+
+  Returns:
+    ``x`` cut to ``size`` entries along ``axis``, each image's from its own start.
+  """
+  per_image = shifts.reshape((-1,) + (1,) * (x.ndim - 1))
+  out = jax.lax.slice_in_dim(x, 0, size, axis=axis)
+  for shift in range(1, max_shift + 1):
+    start = shift * stride
+    window = jax.lax.slice_in_dim(x, start, start + size, axis=axis)
+    out = jnp.where(per_image == shift, window, out)
+  return out
 
 
 def augment_and_normalize(
