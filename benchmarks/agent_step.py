@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
+from masc_jax.nn.network import forward_flops
 
 STAGES = ("experts", "collective", "altruism")
 
@@ -108,33 +109,6 @@ def _input_spec(input_name: str) -> dict[str, Any]:
       "mean": tuple(map(float, ds.mean)),
       "std": tuple(map(float, ds.std)),
   }
-
-
-def forward_flops(
-    widths,
-    pool_after,
-    head_hidden,
-    num_classes,
-    in_channels,
-    hw,
-    batch,
-    with_head: bool = True,
-) -> float:
-  """Analytic forward FLOPs (2 * multiply-adds) of convs and dense layers."""
-  h, w = hw
-  c = in_channels
-  flops = 0.0
-  for i, width in enumerate(widths):
-    flops += 2.0 * 9 * c * width * h * w * batch
-    c = width
-    if i in pool_after:
-      h, w = h // 2, w // 2
-  if with_head:
-    features = c * h * w
-    for width in tuple(head_hidden) + (num_classes,):
-      flops += 2.0 * features * width * batch
-      features = width
-  return flops
 
 
 def model_flops(

@@ -21,7 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from masc_jax.parallel import compile_cache, multihost
-from masc_jax import config_lib
+from masc_jax import config_lib, paths
 
 flags.DEFINE_string(
     "config",
@@ -69,6 +69,25 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "JAX's persistent compilation cache (none: off). Default $MASC_COMPILATION_CACHE_DIR, else "
     "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/masc_jax/xla-<cpu>.",
 )
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for",
+    None,
+    "Pre-flight: compile every program of the run for this TPU slice (v5e-8, v6e-16, "
+    "v4-8, v5p-16, v5e:4x4, ...) on this host, with no TPU and no data, and report "
+    "whether each fits and the TPU cost model's estimates (needs libtpu: pip install "
+    '-e ".[tpu]"). Trains nothing. Workdir default: runs/<config>_preflight_<slice>.',
+)
+_PREFLIGHT_TOP = flags.DEFINE_integer(
+    "preflight_top",
+    0,
+    "With --compile_for: list each program's N instructions with the most "
+    "estimated cycles.",
+)
+_PREFLIGHT_STAGES = flags.DEFINE_list(
+    "preflight_stages",
+    [],
+    "With --compile_for: only these stages (default: every stage of the run).",
+)
 _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_s",
     100,
@@ -84,6 +103,8 @@ class Job:
   config: ml_collections.ConfigDict
   workdir: str
   processes: multihost.ProcessSpec = multihost.ProcessSpec()
+  overrides: tuple[str, ...] = ()
+  compile_for: str | None = None  # a TPU slice: the pre-flight instead of a run
 
 
 def _fail(message: str, status: int = 2) -> None:
@@ -129,6 +150,27 @@ def parse_flags(argv: list[str]) -> Job:
     _fail(
         "--workdir is empty: give a folder, or leave it out for runs/<config name>"
     )
+  if _COMPILE_FOR.value is not None and not _COMPILE_FOR.value.strip():
+    _fail("--compile_for is empty: give a TPU slice such as v5e-8")
+  if _COMPILE_FOR.value is None and (
+      _PREFLIGHT_TOP.value or _PREFLIGHT_STAGES.value
+  ):
+    _fail("--preflight_top and --preflight_stages go with --compile_for=SLICE")
+  if _PREFLIGHT_TOP.value < 0:
+    _fail(f"--preflight_top must be >= 0, got {_PREFLIGHT_TOP.value}")
+  if _COMPILE_FOR.value:
+    from masc_jax.preflight import command as preflight
+
+    default = preflight.default_workdir(
+        config_lib.config_name(spec), _COMPILE_FOR.value
+    )
+    return Job(
+        config_spec=spec,
+        config=config,
+        workdir=_WORKDIR.value or default,
+        overrides=tuple(overrides),
+        compile_for=_COMPILE_FOR.value.strip(),
+    )
   workdir = _WORKDIR.value or os.path.join("runs", config_lib.config_name(spec))
   try:
     processes = multihost.process_spec(
@@ -145,8 +187,37 @@ def parse_flags(argv: list[str]) -> Job:
   )
 
 
+def preflight_main(job: Job) -> None:
+  """``--compile_for``: the pre-flight instead of a run (no devices, no data, no processes)."""
+  from masc_jax.preflight import command as preflight
+
+  try:
+    paths.check_supported(job.workdir)
+    check = preflight.Preflight(
+        job.config,
+        config_lib.config_name(job.config_spec),
+        job.compile_for,
+        stages=_PREFLIGHT_STAGES.value,
+        top=_PREFLIGHT_TOP.value,
+        overrides=job.overrides,
+    )
+  except (preflight.PreflightInputError, paths.UnsupportedPathError) as e:
+    _fail(str(e))
+  try:
+    report = check.run(job.workdir)
+  except OSError as e:
+    _fail(f"cannot write {e.filename or job.workdir}: {e.strerror or e}")
+  from masc_jax.preflight import report as report_lib
+
+  print(report_lib.markdown(report), flush=True)
+  print(f"[preflight] report: {job.workdir}/preflight.md, preflight.json")
+  sys.exit(1 if report["failures"] else 0)
+
+
 def main(job: Job) -> None:
   logging.set_verbosity(logging.WARNING)
+  if job.compile_for:
+    preflight_main(job)
   multihost.initialize(job.processes)
   compile_cache.enable(_COMPILATION_CACHE.value)
   # Imported here so that a bad flag fails fast, before TFDS and the training code load.

@@ -17,6 +17,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
+# The suite runs on the CPU. With libtpu installed (the test extra installs it for
+# the pre-flight's tests), JAX would otherwise look for a TPU at start-up and print
+# libtpu's "no TPU here" lines on stderr, in this process and in every subprocess,
+# which inherit this environment.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def pytest_sessionfinish(session, exitstatus):
   if _SESSION_CACHE is not None:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

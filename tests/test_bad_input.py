@@ -212,6 +212,24 @@ def run(argv):
             "needs --num_processes and --process_id, or --multihost",
         ),
         (["--config=tiny", "--num_processes=x"], "--num_processes"),
+        # the pre-flight (--compile_for): refused before libtpu is needed
+        (
+            ["--config=tiny", "--compile_for=v9x-8"],
+            "unknown TPU slice 'v9x-8': use a Cloud TPU type such as v5e-8",
+        ),
+        (
+            ["--config=tiny", "--compile_for=v5e-6"],
+            "unknown TPU slice 'v5e-6': use one of v5e-1, v5e-4, v5e-8, v5e-16",
+        ),
+        (["--config=tiny", "--compile_for="], "--compile_for is empty"),
+        (
+            ["--config=tiny", "--preflight_top=3"],
+            "--preflight_top and --preflight_stages go with --compile_for=SLICE",
+        ),
+        (
+            ["--config=tiny", "--compile_for=v5e-8", "--preflight_top=-1"],
+            "--preflight_top must be >= 0, got -1",
+        ),
     ],
 )
 def test_bad_command_lines_give_one_line_and_exit_2_writing_nothing(

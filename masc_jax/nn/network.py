@@ -248,6 +248,39 @@ def make_network(
   )
 
 
+def forward_flops(
+    widths: Sequence[int],
+    pool_after: Sequence[int],
+    head_hidden: Sequence[int],
+    num_classes: int,
+    in_channels: int,
+    hw: tuple[int, int],
+    batch: int,
+    with_head: bool = True,
+) -> float:
+  """Model FLOPs of one forward pass of ``batch`` images: 2 x the multiply-adds.
+
+  Counts the 3x3 convolutions (9 taps per output) and dense layers of a
+  ``Network`` (``with_head=False``: its ``Backbone`` alone); BatchNorm, ReLU,
+  pooling and biases are left out, as model-FLOP counts usually do. A training
+  step (forward and backward) is about 3 x this.
+  """
+  h, w = hw
+  c = in_channels
+  flops = 0.0
+  for i, width in enumerate(widths):
+    flops += 2.0 * 9 * c * width * h * w * batch
+    c = width
+    if i in pool_after:
+      h, w = h // 2, w // 2
+  if with_head:
+    features = c * h * w
+    for width in tuple(head_hidden) + (num_classes,):
+      flops += 2.0 * features * width * batch
+      features = width
+  return flops
+
+
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter pytree."""
   return sum(int(x.size) for x in jax.tree.leaves(params))

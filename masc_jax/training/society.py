@@ -63,11 +63,19 @@ class Society:
 def build_society(
     config: ml_collections.ConfigDict,
     dataset: arrays.ArrayDataset | None = None,
+    *,
+    devices: list[Any] | None = None,
+    place_data: bool = True,
 ) -> Society:
   """Validate the config against the data and devices, load the data. Writes nothing.
 
   ``dataset``: use these arrays instead of loading ``config.dataset`` (benchmarks
-  on synthetic data of a dataset's shapes).
+  on synthetic data of a dataset's shapes). ``devices``: build the mesh on these
+  devices, in this order (default ``jax.devices()``). ``place_data=False``: keep
+  the images off the devices; the society's image and label arrays are then
+  ``jax.ShapeDtypeStruct``s with the replicated sharding they would have (for
+  compiling a run's programs on devices that cannot hold data, such as a TPU
+  slice's compile-only devices: ``masc_jax.preflight``).
   """
   config_lib.validate(config)
   if dataset is None:
@@ -94,6 +102,7 @@ def build_society(
       config.num_devices,
       config.agent_axis_size,
       num_members=members.mesh_members,
+      devices=devices,
   )
 
   expert = network.make_network(
@@ -103,6 +112,11 @@ def build_society(
       config.model, dataset.num_classes, config.model.collective_widths
   )
   rep = sharding.replicated(mesh)
+  place = (
+      (lambda x: jax.device_put(x, rep))
+      if place_data
+      else (lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep))
+  )
   if config.collective_batches == batches.BY_OWNER:
     owner_batch_sizes = batches.owner_batch_sizes(
         [len(ix) for ix in per_agent], config.batch_size
@@ -132,9 +146,9 @@ def build_society(
       ),
       pooled_batches=members.batches(make_pooled),
       owner_batch_sizes=owner_batch_sizes,
-      train_images=jax.device_put(dataset.train_images, rep),
-      train_labels=jax.device_put(dataset.train_labels.astype(np.int32), rep),
-      test_images=jax.device_put(dataset.test_images, rep),
+      train_images=place(dataset.train_images),
+      train_labels=place(dataset.train_labels.astype(np.int32)),
+      test_images=place(dataset.test_images),
       strategy=agents.resolve_strategy(config.agent_map),
       members=members,
   )

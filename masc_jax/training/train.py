@@ -227,6 +227,93 @@ def compile_stage(
   return step, frozen, get_batch
 
 
+def stage_program(
+    society: Society,
+    spec: StageSpec,
+    state: dict[str, steps.ModelState],
+    example: tuple[PyTree, PyTree, jax.Array],
+) -> tuple[Callable, tuple]:
+  """The program ``compile_stage`` compiles for ``spec``, and the inputs it lowers it with.
+
+  ``example``: ``(state[spec.name], batch, rng)`` as the loop passes them (a
+  population's stacked ``[P, ...]``); arrays, or ``jax.ShapeDtypeStruct``s with
+  the same shapes and shardings (a compile without data: ``masc_jax.preflight``).
+  Returns ``(jitted, args)``: ``jitted.lower(*args)`` is the stage's step. Members
+  in turn: one member's program, with member 0's inputs (``MembersInTurn``).
+  """
+  members = society.members
+  looped = members.runs_in_turn
+  shardings = state_shardings(
+      society,
+      {spec.name: state[spec.name]},
+      member_axis=None if not looped else False,
+  )[spec.name]
+
+  def member_step(model_state, batch, rng, frozen, settings):
+    return spec.make_step(society.with_settings(settings), spec)(
+        model_state, batch, rng, frozen
+    )
+
+  step_fn = member_step if looped else members.map(member_step)
+  replicated = sharding.replicated(society.mesh)
+
+  def constrained(model_state, batch, rng, frozen, hparams):
+    new_state, metrics = step_fn(model_state, batch, rng, frozen, hparams)
+    return (
+        jax.lax.with_sharding_constraint(new_state, shardings),
+        jax.lax.with_sharding_constraint(metrics, replicated),
+    )
+
+  hparams = jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(
+          np.shape(v),
+          jnp.float32,
+          sharding=replicated,
+          weak_type=np.ndim(v) == 0,
+      ),
+      members.hparams(),
+  )
+  args = (*example, frozen_inputs(society, spec, state), hparams)
+  if looped:
+    split = jax.jit(
+        lambda tree: [
+            jax.tree.map(lambda x: x[p], tree) for p in range(members.size)
+        ]
+    )
+    first = split.lower(args).compile().output_shardings[0]
+    shapes = jax.eval_shape(split, args)[0]
+    args = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes,
+        first,
+    )
+  return jax.jit(constrained, donate_argnums=(0,)), args
+
+
+def stage_variables(
+    spec: StageSpec, state: dict[str, steps.ModelState]
+) -> dict[str, PyTree]:
+  """The variables stage ``spec``'s predictions read: its model's, and its base's."""
+  read = (spec,) + ((protocol.BY_NAME[spec.base],) if spec.base else ())
+  return {s.variables_key: state[s.name].variables() for s in read}
+
+
+def predict_program(society: Society, spec: StageSpec) -> Callable:
+  """``Run.evaluate_stage``'s jitted prediction of one batch: ``(variables, settings, images)``."""
+  ds = society.dataset
+  normalize = functools.partial(augment.normalize, mean=ds.mean, std=ds.std)
+  return jax.jit(
+      lambda variables, settings, images: protocol.predict_rows(
+          society.with_settings(settings),
+          (spec,),
+          variables,
+          images,
+          normalize,
+      ),
+      out_shardings=sharding.replicated(society.mesh),
+  )
+
+
 def frozen_inputs(
     society: Society, spec: StageSpec, state: dict[str, steps.ModelState]
 ) -> PyTree:
