@@ -1,6 +1,6 @@
 """Run by tests/test_preflight_units.py in a subprocess with 4 forced CPU devices.
 
-Usage: python tests/preflight_worker.py CONFIG [FIELD=VALUE ...]
+Usage: python tests/preflight_worker.py CONFIG [--stages=A,B] [FIELD=VALUE ...]
 
 For every stage of the config: the program the training loop compiles (its
 real society, state, batch and key) and the pre-flight's program (the same
@@ -31,7 +31,10 @@ def optimised_text(compiled) -> str:
   return re.sub(r",? ?metadata=\{[^}]*\}", "", text)
 
 
-def main(name, overrides):
+def main(name, args):
+  stages = [a for a in args if a.startswith("--stages=")]
+  overrides = [a for a in args if a not in stages]
+  wanted = stages[0].split("=", 1)[1].split(",") if stages else None
   # Resolved for the TPU, as the pre-flight does: the programs a TPU run compiles.
   config = programs.resolve_for_backend(
       config_lib.load_config(name, overrides), "tpu"
@@ -48,6 +51,8 @@ def main(name, overrides):
   names = protocol.stage_names(config)
   out = {}
   for spec in protocol.stages_for(config):
+    if wanted and spec.name not in wanted:
+      continue
     stage_key = members.fold_in(keys[..., 1], names.index(spec.name))
     get_batch = train.batch_source(real, spec)
     example = (state[spec.name], get_batch(0), members.fold_in(stage_key, 0))

@@ -3,12 +3,15 @@ correction of the cost model's figure, projections, the shape-only dataset, and 
 command's bad inputs that are refused before libtpu is touched.
 """
 
+import json
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from conftest import REPO
 from masc_jax import config_lib
 from masc_jax.data import registry, shape_only
 from masc_jax.preflight import chips, costs, hlo, report, topology
@@ -232,3 +235,50 @@ def test_without_libtpu_the_command_says_how_to_install_it(
       'pip install -e ".[tpu]" (Linux x86-64; no TPU needed)'
   )
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ablations=False"],  # the three kinds of step
+        ["--stages=experts", "seeds=0,1"],  # a population: the member axis
+    ],
+)
+def test_the_preflight_compiles_the_runs_own_programs(args):
+  """On a 4-device CPU mesh: the pre-flight's programs (no data, shapes only) and
+  the training loop's (real data, state, batch and key) compile to the same text
+  with the same shardings (tests/preflight_worker.py).
+  """
+  out = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, "tests", "preflight_worker.py"),
+          "tiny",
+      ]
+      + args,
+      cwd=REPO,
+      env={**os.environ, "JAX_NUM_CPU_DEVICES": "4"},
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  found = json.loads(out.stdout.strip().splitlines()[-1])
+  expected = (
+      ["experts"]
+      if "--stages=experts" in args
+      else [
+          "experts",
+          "collective",
+          "altruism",
+      ]
+  )
+  assert list(found) == expected
+  for stage, kinds in found.items():
+    for kind, same in kinds.items():
+      assert same == {
+          "same_text": True,
+          "same_input_shardings": True,
+          "same_output_shardings": True,
+          "devices": 4,
+      }, (stage, kind)
