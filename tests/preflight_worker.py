@@ -2,11 +2,18 @@
 
 Usage: python tests/preflight_worker.py CONFIG [--stages=A,B] [FIELD=VALUE ...]
 
-For every stage of the config: the program the training loop compiles (its
-real society, state, batch and key) and the pre-flight's program (the same
-society built on the same devices without data, shapes only), both compiled
-for the same CPU mesh. Prints one JSON object on its last line:
-``{stage: {kind: {same_text, same_input_shardings, same_output_shardings}}}``.
+For every stage of the config, the pre-flight's programs (the society built
+on the same devices without data: shapes only) against the training loop's
+(its real society, state, batch and key), both compiled for the same CPU
+mesh:
+
+* ``same_text``, ``same_input_shardings``, ``same_output_shardings``: the
+  pre-flight's train step and evaluation program against the same functions
+  lowered with the loop's real inputs;
+* ``same_step_outputs``: the pre-flight's compiled train step, run on the
+  loop's inputs, gives bit for bit what ``train.compile_stage``'s step gives.
+
+Prints one JSON object on its last line: ``{stage: {kind: {check: bool}}}``.
 """
 
 import json
@@ -17,9 +24,12 @@ import sys
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from masc_jax import config_lib  # noqa: E402
 from masc_jax.data import batches  # noqa: E402
+from masc_jax.parallel import sharding  # noqa: E402
 from masc_jax.preflight import programs  # noqa: E402
 from masc_jax.training import protocol, train  # noqa: E402
 from masc_jax.training.society import build_society  # noqa: E402
@@ -29,6 +39,19 @@ def optimised_text(compiled) -> str:
   """The optimised HLO without source locations (the two programs come from different lines)."""
   text = compiled.as_text().split("\nFileNames")[0]
   return re.sub(r",? ?metadata=\{[^}]*\}", "", text)
+
+
+def compare(a, b) -> dict:
+  return {
+      "same_text": optimised_text(a) == optimised_text(b),
+      "same_input_shardings": a.input_shardings == b.input_shardings,
+      "same_output_shardings": a.output_shardings == b.output_shardings,
+      "devices": len(jax.tree.leaves(a.input_shardings)[0].device_set),
+  }
+
+
+def copy(tree):
+  return jax.tree.map(jnp.copy, tree)
 
 
 def main(name, args):
@@ -49,22 +72,43 @@ def main(name, args):
   )()
   abstract_state = programs.abstract_state(shapes)
   names = protocol.stage_names(config)
+  replicated = sharding.replicated(real.mesh)
   out = {}
   for spec in protocol.stages_for(config):
     if wanted and spec.name not in wanted:
       continue
     stage_key = members.fold_in(keys[..., 1], names.index(spec.name))
-    get_batch = train.batch_source(real, spec)
-    example = (state[spec.name], get_batch(0), members.fold_in(stage_key, 0))
-    run_jitted, run_args = train.stage_program(real, spec, state, example)
-    pairs = {
-        "train": (
-            run_jitted.lower(*run_args).compile(),
-            programs.stage_program(shapes, spec, abstract_state)
-            .lower()
-            .compile(),
-        )
-    }
+    step, frozen, get_batch = train.compile_stage(
+        real, spec, state, 0, stage_key
+    )
+    batch, rng = get_batch(0), members.fold_in(stage_key, 0)
+    jitted, args = train.stage_program(
+        real, spec, state, (state[spec.name], batch, rng)
+    )
+    preflight = programs.stage_program(shapes, spec, abstract_state)
+    compiled = preflight.lower().compile()
+    train_checks = compare(jitted.lower(*args).compile(), compiled)
+    # The pre-flight's executable on the loop's inputs, against the loop's step.
+    inputs = (
+        copy(state[spec.name]),
+        batch,
+        rng,
+        frozen,
+        jax.device_put(members.hparams(), replicated),
+    )
+    if members.runs_in_turn:  # one member's program: member 0's inputs
+      inputs = jax.tree.map(lambda x: x[0], inputs)
+    inputs = jax.device_put(inputs, compiled.input_shardings[0])
+    mine = compiled(*inputs)
+    theirs = step(copy(state[spec.name]), batch, rng, frozen)
+    if members.runs_in_turn:
+      theirs = jax.tree.map(lambda x: x[0], theirs)
+    train_checks["same_step_outputs"] = jax.tree.structure(
+        mine
+    ) == jax.tree.structure(theirs) and all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs))
+    )
     # Evaluation: the loop's first test batch of member 0 (Run.evaluate_stage).
     variables = train.stage_variables(spec, state)
     if members.is_population:
@@ -76,22 +120,13 @@ def main(name, args):
             )
         )
     )
-    images = real.test_images[idx]
     settings = dict(members.members[0].settings)
     predict = train.predict_program(real, spec)
-    pairs["eval"] = (
-        predict.lower(variables, settings, images).compile(),
+    eval_checks = compare(
+        predict.lower(variables, settings, real.test_images[idx]).compile(),
         programs.eval_program(shapes, spec, abstract_state).lower().compile(),
     )
-    out[spec.name] = {
-        kind: {
-            "same_text": optimised_text(a) == optimised_text(b),
-            "same_input_shardings": a.input_shardings == b.input_shardings,
-            "same_output_shardings": a.output_shardings == b.output_shardings,
-            "devices": len(jax.tree.leaves(a.input_shardings)[0].device_set),
-        }
-        for kind, (a, b) in pairs.items()
-    }
+    out[spec.name] = {"train": train_checks, "eval": eval_checks}
   print(json.dumps(out))
 
 

@@ -162,49 +162,34 @@ def test_bad_arguments() -> None:
     )
 
 
-def _per_image_slice_crop_flip(
-    images: jax.Array, rng: jax.Array, *, crop_padding: int, flip: bool
-) -> jax.Array:
-  """The crop as one dynamic slice per image (the earlier implementation): the reference.
-
-  Same draws as ``random_crop_flip`` (the same key split, offsets and flips),
-  a different way of cutting the windows out.
-  """
-  *lead, h, w, c = images.shape
-  flat = images.reshape((-1, h, w, c))
-  n = flat.shape[0]
-  crop_key, flip_key = jax.random.split(rng)
-  p = crop_padding
-  padded = jnp.pad(flat, ((0, 0), (p, p), (p, p), (0, 0)))
-  offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
-  flat = jax.vmap(
-      lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))
-  )(padded, offsets)
-  if flip:
-    mirror = jax.random.bernoulli(flip_key, 0.5, (n,))
-    flat = jnp.where(mirror[:, None, None, None], flat[:, :, ::-1, :], flat)
-  return flat.reshape((*lead, h, w, c))
-
-
 @pytest.mark.parametrize(
-    "shape, p, flip, dtype",
+    "n, h, w, c, p, dtype",
     [
-        ((64, 6, 7, 3), 2, True, np.uint8),
-        ((3, 5, 8, 8, 1), 1, False, np.uint8),  # [K, B, H, W, C]
-        ((16, 4, 4, 2), 4, True, np.float32),  # padding as large as the image
-        ((4, 32, 32, 3), 4, True, np.uint8),  # CIFAR's crop
+        (64, 6, 7, 3, 2, np.uint8),
+        (160, 8, 8, 1, 1, np.uint8),  # digits' crop, K x B images
+        (16, 4, 4, 2, 4, np.float32),  # padding as large as the image
+        (8, 32, 32, 3, 4, np.uint8),  # CIFAR's crop
     ],
 )
-def test_crop_equals_per_image_slices(shape, p, flip, dtype) -> None:
-  """Bit for bit what cutting each image's window with its own dynamic slice gives."""
-  images = jnp.asarray(_images(shape, seed=p).astype(dtype))
-  for seed in range(3):
-    key = jax.random.key(seed)
-    got = jax.jit(
-        functools.partial(augment.random_crop_flip, crop_padding=p, flip=flip)
-    )(images, key)
-    expected = _per_image_slice_crop_flip(
-        images, key, crop_padding=p, flip=flip
+def test_both_ways_of_cutting_windows_give_the_numpy_windows(
+    n, h, w, c, p, dtype
+) -> None:
+  """The per-image slices (CPU, GPU) and the selection among shifted copies (TPU):
+  bit for bit the windows NumPy slices out of each padded image.
+  """
+  rng = np.random.default_rng(p)
+  padded = rng.integers(0, 256, (n, h + 2 * p, w + 2 * p, c)).astype(dtype)
+  offsets = rng.integers(0, 2 * p + 1, (n, 2)).astype(np.int32)
+  offsets[:2] = [[0, 0], [2 * p, 2 * p]]  # both extremes occur
+  expected = np.stack(
+      [image[y : y + h, x : x + w] for image, (y, x) in zip(padded, offsets)]
+  )
+  for cut in (
+      augment.crop_windows_by_slices,
+      augment.crop_windows_by_selection,
+  ):
+    got = jax.jit(functools.partial(cut, size=(h, w)))(
+        jnp.asarray(padded), jnp.asarray(offsets)
     )
-    assert got.dtype == expected.dtype
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert got.dtype == expected.dtype, cut.__name__
+    np.testing.assert_array_equal(np.asarray(got), expected, cut.__name__)

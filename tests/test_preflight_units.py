@@ -247,7 +247,9 @@ def test_without_libtpu_the_command_says_how_to_install_it(
 def test_the_preflight_compiles_the_runs_own_programs(args):
   """On a 4-device CPU mesh: the pre-flight's programs (no data, shapes only) and
   the training loop's (real data, state, batch and key) compile to the same text
-  with the same shardings (tests/preflight_worker.py).
+  with the same shardings, and the pre-flight's train step run on the loop's
+  inputs gives bit for bit what the loop's compiled step gives
+  (tests/preflight_worker.py).
   """
   out = subprocess.run(
       [
@@ -275,10 +277,11 @@ def test_the_preflight_compiles_the_runs_own_programs(args):
   )
   assert list(found) == expected
   for stage, kinds in found.items():
+    assert kinds["train"]["same_step_outputs"] is True, stage
     for kind, same in kinds.items():
-      assert same == {
-          "same_text": True,
-          "same_input_shardings": True,
-          "same_output_shardings": True,
-          "devices": 4,
-      }, (stage, kind)
+      assert same["devices"] == 4, (stage, kind)
+      assert all(v is True for k, v in same.items() if k != "devices"), (
+          stage,
+          kind,
+          same,
+      )

@@ -78,9 +78,11 @@ class Preflight:
     try:
       self.config = programs.resolve_for_backend(config, "tpu")
       self.devices = topology.slice_devices(self.slice)
+    except (config_lib.ConfigError, topology.TopologyError) as e:
+      raise PreflightInputError(str(e)) from None
+    try:
       self.society = programs.abstract_society(self.config, self.devices)
     except (
-        topology.TopologyError,
         config_lib.ConfigError,
         sharding.MeshError,
         arrays.DatasetNotPreparedError,

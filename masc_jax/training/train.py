@@ -299,7 +299,10 @@ def stage_variables(
 
 
 def predict_program(society: Society, spec: StageSpec) -> Callable:
-  """``Run.evaluate_stage``'s jitted prediction of one batch: ``(variables, settings, images)``."""
+  """``Run.evaluate_stage``'s jitted prediction of one batch: ``(variables, settings, images)``.
+
+  Its outputs are replicated: every process reads them.
+  """
   ds = society.dataset
   normalize = functools.partial(augment.normalize, mean=ds.mean, std=ds.std)
   return jax.jit(
@@ -566,25 +569,13 @@ class Run:
   def evaluate_stage(self, state: dict, spec: StageSpec) -> list[dict]:
     """Each member's results of the rows and collective that stage ``spec`` feeds."""
     society, ds, members = self.society, self.society.dataset, self.members
-    read = (spec,) + ((protocol.BY_NAME[spec.base],) if spec.base else ())
-    variables = {s.variables_key: state[s.name].variables() for s in read}
-    normalize = functools.partial(augment.normalize, mean=ds.mean, std=ds.std)
+    variables = stage_variables(spec, state)
     # One member at a time, with the single run's program: a member's routing
     # decisions sit on a knife's edge, and an eval program that fuses P members
     # rounds the free energies differently. Evaluation is a small part of a run.
     # One jitted function per stage: evaluations during a stage reuse its trace.
     predict = self._predictors.setdefault(
-        spec.name,
-        jax.jit(
-            lambda variables, settings, images: protocol.predict_rows(
-                society.with_settings(settings),
-                (spec,),
-                variables,
-                images,
-                normalize,
-            ),
-            out_shardings=sharding.replicated(society.mesh),
-        ),
+        spec.name, predict_program(society, spec)
     )  # read on every process
     results = []
     for index, member in enumerate(members.members):
