@@ -298,9 +298,13 @@ def test_the_concat_bitcast_correction_on_a_compiled_program():
   mesh = jax.sharding.Mesh([device], ("d",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  def loss(kernel, x):
+  def loss(kernels, x):  # kernels [1, 3, 3, C, C]: one block of one agent
     y = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x,
+        kernels[0],
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     return (jax.nn.relu(y) ** 2).mean()
 
@@ -308,7 +312,7 @@ def test_the_concat_bitcast_correction_on_a_compiled_program():
     return kernels - 0.1 * jax.vmap(jax.grad(loss))(kernels, x)
 
   kernels = jax.ShapeDtypeStruct(
-      (4, 3, 3, 64, 64), jnp.float32, sharding=replicated
+      (4, 1, 3, 3, 64, 64), jnp.float32, sharding=replicated
   )
   images = jax.ShapeDtypeStruct(
       (4, 32, 4, 4, 64), jnp.float32, sharding=replicated
