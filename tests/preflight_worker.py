@@ -82,8 +82,14 @@ def main(name, args):
         real, spec, state, 0, stage_key
     )
     batch, rng = get_batch(0), members.fold_in(stage_key, 0)
-    jitted, args = train.stage_program(
-        real, spec, state, (state[spec.name], batch, rng)
+    # The loop's program (``members.compile_step``'s) lowered with the loop's inputs.
+    jitted = members.step_program(
+        *train.stage_step_functions(real, spec, state)
+    )
+    args = members.program_inputs(
+        (state[spec.name], batch, rng),
+        frozen,
+        jax.device_put(members.hparams(), replicated),
     )
     preflight = programs.stage_program(shapes, spec, abstract_state)
     compiled = preflight.lower().compile()
@@ -96,12 +102,12 @@ def main(name, args):
         frozen,
         jax.device_put(members.hparams(), replicated),
     )
-    if members.runs_in_turn:  # one member's program: member 0's inputs
+    if members.in_turn:  # one member's program: member 0's inputs
       inputs = jax.tree.map(lambda x: x[0], inputs)
     inputs = jax.device_put(inputs, compiled.input_shardings[0])
     mine = compiled(*inputs)
     theirs = step(copy(state[spec.name]), batch, rng, frozen)
-    if members.runs_in_turn:
+    if members.in_turn:
       theirs = jax.tree.map(lambda x: x[0], theirs)
     train_checks["same_step_outputs"] = jax.tree.structure(
         mine
@@ -110,9 +116,7 @@ def main(name, args):
         for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs))
     )
     # Evaluation: the loop's first test batch of member 0 (Run.evaluate_stage).
-    variables = train.stage_variables(spec, state)
-    if members.is_population:
-      variables = jax.tree.map(lambda x: x[0], variables)
+    variables = jax.tree.map(lambda x: x[0], train.stage_variables(spec, state))
     idx, _ = next(
         iter(
             batches.eval_batches(

@@ -7,7 +7,6 @@ program too big for HBM go through the command as a user runs it.
 """
 
 import json
-import math
 import os
 import subprocess
 import sys

@@ -169,7 +169,7 @@ class Preflight:
             "agent_map": society.strategy,
             "member_map": members.strategy,
             "members": members.size,
-            "members_in_turn": members.runs_in_turn,
+            "members_in_turn": members.in_turn,
             "num_agents": society.num_agents,
             "batch_size": config.batch_size,
             "eval_batch_size": config.eval_batch_size,

@@ -5,7 +5,8 @@ devices, with the images left off the devices (``place_data=False``) and a
 shape-only dataset (``data.shape_only``); the state is the run's initial state
 as shapes with the run's shardings. Each stage's train step and evaluation
 program are the jitted functions the training loop compiles
-(``train.stage_program``, ``train.predict_program``), with
+(``members.step_program`` of ``train.stage_step_functions``,
+``train.predict_program``), with
 ``jax.ShapeDtypeStruct`` inputs of the shapes and shardings the loop feeds
 them. On a CPU mesh these programs are the run's own, text for text
 (tests/test_preflight.py).
@@ -113,7 +114,7 @@ class Program:
 
 
 def _abstract_batch(
-    society: Society, spec: StageSpec, member_axis: bool
+    society: Society, spec: StageSpec
 ) -> dict[str, jax.ShapeDtypeStruct]:
   """A step's batch as ``train.batch_source`` gives it: shapes and sharding."""
   place = (
@@ -121,7 +122,7 @@ def _abstract_batch(
       if spec.batches == protocol.PER_AGENT
       else sharding.pooled_batch
   )
-  batch_sharding = place(society.mesh, society.config.batch_size, member_axis)
+  batch_sharding = place(society.mesh, society.config.batch_size, True)
   indices = np.asarray(protocol.batches_of(society, spec).indices(0))
   image = jax.ShapeDtypeStruct(
       indices.shape + society.dataset.image_shape,
@@ -149,42 +150,48 @@ def _stage_key(society: Society) -> jax.ShapeDtypeStruct:
 
 
 def stage_program(society: Society, spec: StageSpec, state: dict) -> Program:
-  """Stage ``spec``'s train step as ``train.compile_stage`` compiles it, on abstract inputs."""
+  """Stage ``spec``'s train step as ``train.compile_stage`` compiles it, on abstract inputs.
+
+  The same path: ``members.step_program`` of the stage's step functions, lowered
+  with ``members.program_inputs`` (member 0's inputs when members run in turn).
+  """
   members = society.members
+  replicated = sharding.replicated(society.mesh)
   example = (
       state[spec.name],
-      _abstract_batch(society, spec, members.is_population),
+      _abstract_batch(society, spec),
       _stage_key(society),
   )
-  jitted, args = train.stage_program(society, spec, state, example)
-  flops = train_step_flops(
-      society, spec, train.frozen_inputs(society, spec, state)
+  frozen = train.frozen_inputs(society, spec, state)
+  hparams = jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated),
+      members.hparams(),
   )
-  in_turn = members.runs_in_turn
+  jitted = members.step_program(
+      *train.stage_step_functions(society, spec, state)
+  )
+  args = members.program_inputs(example, frozen, hparams)
+  flops = train_step_flops(society, spec, frozen)
   return Program(
       spec.name,
       "train",
       jitted,
       args,
-      members.size if in_turn else 1,
-      flops * (1 if in_turn else members.size),
+      members.size if members.in_turn else 1,
+      flops * (1 if members.in_turn else members.size),
   )
 
 
 def eval_program(society: Society, spec: StageSpec, state: dict) -> Program:
   """Stage ``spec``'s evaluation program, one batch of one member (``Run.evaluate_stage``)."""
   config, members = society.config, society.members
-  variables = train.stage_variables(spec, state)
-  if members.is_population:
-    # The loop evaluates member by member: ``x[index]`` of each stacked array,
-    # which comes back replicated over the mesh.
-    replicated = sharding.replicated(society.mesh)
-    variables = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape[1:], x.dtype, sharding=replicated
-        ),
-        variables,
-    )
+  # The loop evaluates member by member: ``x[index]`` of each stacked
+  # ``[P, ...]`` array, which comes back replicated over the mesh.
+  replicated = sharding.replicated(society.mesh)
+  variables = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=replicated),
+      train.stage_variables(spec, state),
+  )
   images = jax.ShapeDtypeStruct(
       (config.eval_batch_size,) + society.dataset.image_shape,
       jnp.uint8,

@@ -199,8 +199,8 @@ class MemberAxis:
       state donated. Otherwise one program for all members (``map``), the
       stacked state donated.
     """
+    jitted = self.step_program(member_step, constrain)
     if self._in_turn:
-      jitted = jax.jit(constrain(member_step, False), donate_argnums=(0,))
       return MembersInTurn(
           jitted,
           example,
@@ -209,10 +209,9 @@ class MemberAxis:
           self.size,
           threads=self.strategy == config_lib.THREADS,
       )
-    jitted = jax.jit(
-        constrain(self.map(member_step), True), donate_argnums=(0,)
-    )
-    compiled = jitted.lower(*example, frozen, hparams).compile()
+    compiled = jitted.lower(
+        *self.program_inputs(example, frozen, hparams)
+    ).compile()
     one_at_a_time = (
         sharding.one_program_at_a_time()
     )  # several CPU devices: see there
@@ -222,6 +221,51 @@ class MemberAxis:
       return jax.block_until_ready(out) if one_at_a_time else out
 
     return WholeStep(step)
+
+  @property
+  def in_turn(self) -> bool:
+    """Whether each member runs its own program in turn (``loop``, ``threads``)."""
+    return self._in_turn
+
+  def step_program(
+      self,
+      member_step: Callable,
+      constrain: Callable[[Callable, bool], Callable],
+  ) -> Callable:
+    """The jitted program ``compile_step`` compiles (arguments as there), not compiled.
+
+    In turn: one member's step; otherwise every member's in one program. The
+    trained state is donated.
+    """
+    if self._in_turn:
+      return jax.jit(constrain(member_step, False), donate_argnums=(0,))
+    return jax.jit(constrain(self.map(member_step), True), donate_argnums=(0,))
+
+  def program_inputs(
+      self, example: tuple, frozen: PyTree, hparams: PyTree
+  ) -> tuple:
+    """The inputs ``compile_step`` lowers ``step_program`` with.
+
+    ``example``, ``frozen``, ``hparams`` as in ``compile_step``: arrays, or
+    ``jax.ShapeDtypeStruct``s with the shapes and shardings of the arrays (a
+    compile for devices that hold no data). In turn: member 0's slices, with
+    the shardings the split gives them; otherwise the stacked inputs as they are.
+    """
+    args = (*example, frozen, hparams)
+    if not self._in_turn:
+      return args
+    split = _splitter(self.size)
+    leaves = jax.tree.leaves(args)
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+      return tuple(split(args)[0])
+    shardings = split.lower(args).compile().output_shardings[0]
+    return tuple(
+        jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(split, args)[0],
+            shardings,
+        )
+    )
 
   def init(
       self,

@@ -193,6 +193,28 @@ def compile_stage(
   members = society.members
   get_batch = batch_source(society, spec)
   replicated = sharding.replicated(society.mesh)
+  member_step, constrain = stage_step_functions(society, spec, state)
+  frozen = frozen_inputs(society, spec, state)
+  hparams = jax.device_put(members.hparams(), replicated)
+  example = (
+      state[spec.name],
+      get_batch(start_step),
+      members.fold_in(stage_key, start_step),
+  )
+  step = members.compile_step(member_step, constrain, example, frozen, hparams)
+  return step, frozen, get_batch
+
+
+def stage_step_functions(
+    society: Society, spec: StageSpec, state: dict[str, steps.ModelState]
+) -> tuple[Callable, Callable]:
+  """``compile_stage``'s ``(member_step, constrain)`` for ``members.compile_step``.
+
+  ``members.step_program(*stage_step_functions(...))`` is the stage's jitted
+  step, which ``masc_jax.preflight`` lowers with abstract inputs
+  (``members.program_inputs``).
+  """
+  replicated = sharding.replicated(society.mesh)
 
   def member_step(model_state, batch, rng, frozen, settings):
     # Built inside the trace: a swept setting is a traced value of this member.
@@ -216,78 +238,7 @@ def compile_stage(
 
     return constrained
 
-  frozen = frozen_inputs(society, spec, state)
-  hparams = jax.device_put(members.hparams(), replicated)
-  example = (
-      state[spec.name],
-      get_batch(start_step),
-      members.fold_in(stage_key, start_step),
-  )
-  step = members.compile_step(member_step, constrain, example, frozen, hparams)
-  return step, frozen, get_batch
-
-
-def stage_program(
-    society: Society,
-    spec: StageSpec,
-    state: dict[str, steps.ModelState],
-    example: tuple[PyTree, PyTree, jax.Array],
-) -> tuple[Callable, tuple]:
-  """The program ``compile_stage`` compiles for ``spec``, and the inputs it lowers it with.
-
-  ``example``: ``(state[spec.name], batch, rng)`` as the loop passes them (a
-  population's stacked ``[P, ...]``); arrays, or ``jax.ShapeDtypeStruct``s with
-  the same shapes and shardings (a compile without data: ``masc_jax.preflight``).
-  Returns ``(jitted, args)``: ``jitted.lower(*args)`` is the stage's step. Members
-  in turn: one member's program, with member 0's inputs (``MembersInTurn``).
-  """
-  members = society.members
-  looped = members.runs_in_turn
-  shardings = state_shardings(
-      society,
-      {spec.name: state[spec.name]},
-      member_axis=None if not looped else False,
-  )[spec.name]
-
-  def member_step(model_state, batch, rng, frozen, settings):
-    return spec.make_step(society.with_settings(settings), spec)(
-        model_state, batch, rng, frozen
-    )
-
-  step_fn = member_step if looped else members.map(member_step)
-  replicated = sharding.replicated(society.mesh)
-
-  def constrained(model_state, batch, rng, frozen, hparams):
-    new_state, metrics = step_fn(model_state, batch, rng, frozen, hparams)
-    return (
-        jax.lax.with_sharding_constraint(new_state, shardings),
-        jax.lax.with_sharding_constraint(metrics, replicated),
-    )
-
-  hparams = jax.tree.map(
-      lambda v: jax.ShapeDtypeStruct(
-          np.shape(v),
-          jnp.float32,
-          sharding=replicated,
-          weak_type=np.ndim(v) == 0,
-      ),
-      members.hparams(),
-  )
-  args = (*example, frozen_inputs(society, spec, state), hparams)
-  if looped:
-    split = jax.jit(
-        lambda tree: [
-            jax.tree.map(lambda x: x[p], tree) for p in range(members.size)
-        ]
-    )
-    first = split.lower(args).compile().output_shardings[0]
-    shapes = jax.eval_shape(split, args)[0]
-    args = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        shapes,
-        first,
-    )
-  return jax.jit(constrained, donate_argnums=(0,)), args
+  return member_step, constrain
 
 
 def stage_variables(
