@@ -271,3 +271,44 @@ def test_the_preflight_compiles_the_runs_own_programs():
           kind,
           same,
       )
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_program_inputs_of_arrays_and_of_their_shapes_agree(strategy):
+  """``MemberAxis.program_inputs``: the loop passes arrays, the pre-flight their
+  shapes; both give the same shapes and shardings (member 0's slices, in turn).
+  """
+  import jax
+
+  from masc_jax.training import population
+
+  members = population.MemberAxis(
+      [config_lib.Member(seed=s) for s in (0, 1, 2)], strategy
+  )
+  sharded = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  example = (
+      {"w": np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)},
+      np.arange(3 * 5, dtype=np.int32).reshape(3, 5),
+      np.ones((3, 2), np.uint32),
+  )
+  frozen, hparams = {"f": np.zeros((3, 7), np.float32)}, {}
+  arrays = jax.device_put((example, frozen, hparams), sharded)
+  shapes = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      arrays,
+  )
+  from_arrays = members.program_inputs(*arrays)
+  from_shapes = members.program_inputs(*shapes)
+  lead = () if members.in_turn else (3,)
+  assert [x.shape for x in jax.tree.leaves(from_arrays)] == [
+      lead + (4, 2),
+      lead + (5,),
+      lead + (2,),
+      lead + (7,),
+  ]
+  if members.in_turn:  # member 0's slice
+    np.testing.assert_array_equal(from_arrays[0]["w"], example[0]["w"][0])
+  assert jax.tree.structure(from_arrays) == jax.tree.structure(from_shapes)
+  for a, s in zip(jax.tree.leaves(from_arrays), jax.tree.leaves(from_shapes)):
+    assert (a.shape, a.dtype) == (s.shape, s.dtype)
+    assert a.sharding.is_equivalent_to(s.sharding, a.ndim)
