@@ -183,7 +183,7 @@ def test_projection_is_steps_times_runs_times_the_estimate():
   assert total == pytest.approx(0.9)
 
 
-@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "fashion_mnist"])
 def test_shape_only_dataset_has_the_real_splits_shapes_and_no_pixels(name):
   info = registry.DATASETS[name]
   ds = shape_only.shape_only_dataset(name)

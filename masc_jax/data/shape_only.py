@@ -12,11 +12,13 @@ import numpy as np
 
 from masc_jax.data import arrays, registry
 
-# Images per class in the train and test splits of the datasets read from TFDS.
-# Both CIFARs are balanced: 50,000 / 10,000 images over their classes.
+# The train and test split sizes of the balanced datasets of the table (every
+# class the same share): both CIFARs 50,000 / 10,000, Fashion-MNIST 60,000 /
+# 10,000 (6,000 / 1,000 a class).
 BALANCED_SPLITS: dict[str, tuple[int, int]] = {
     "cifar10": (50_000, 10_000),
     "cifar100": (50_000, 10_000),
+    "fashion_mnist": (60_000, 10_000),
 }
 
 
