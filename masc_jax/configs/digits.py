@@ -5,9 +5,8 @@
 
 Needs no download. Small VGG widths that fit 8x8 inputs (two pools: 8 -> 4 -> 2).
 A population of three seeds (one seed's table moves with float rounding, see
-README "Results on digits"): about 80 s on a 2-core CPU with an empty compilation
-cache, about 53 s with a warm one; one seed, under a minute (README has the
-measured times and table).
+README "Results on digits"): about 100 s on a 2-core AVX2 CPU with an empty
+compilation cache, about 67 s with a filled one (README has the table).
 """
 
 from masc_jax.configs import common
