@@ -73,6 +73,20 @@ TINY_RUN_OVERRIDES = [
 ]
 
 
+def main_in_process(argv):
+  """``python -m masc_jax.main ARGV``'s exit status, run in this process."""
+  from absl import flags
+
+  from masc_jax import main as main_module
+
+  flags.FLAGS.unparse_flags()
+  try:
+    main_module.main(main_module.parse_flags(["masc_jax.main", *argv]))
+  except SystemExit as e:
+    return e.code
+  return 0
+
+
 def run_main(args, env_extra=None, timeout=600, **kwargs):
   """``python -m masc_jax.main ARGS`` in a subprocess; returns the CompletedProcess."""
   env = {**os.environ, **(env_extra or {})}

@@ -10,22 +10,10 @@ import os
 import subprocess
 
 import pytest
-from absl import flags
 
-from masc_jax import main as main_module
-from conftest import run_main
+from conftest import run_main, main_in_process as run
 
 FILE = "{tmp}/a_file"
-
-
-def run(argv):
-  """``(exit status, stderr)`` of one command line."""
-  flags.FLAGS.unparse_flags()
-  try:
-    main_module.main(main_module.parse_flags(["masc_jax.main", *argv]))
-  except SystemExit as e:
-    return e.code
-  return 0
 
 
 @pytest.mark.parametrize(

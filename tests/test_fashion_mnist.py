@@ -12,11 +12,9 @@ import struct
 
 import numpy as np
 import pytest
-from absl import flags
 
-from conftest import TINY_RUN_OVERRIDES, run_main
+from conftest import TINY_RUN_OVERRIDES, run_main, main_in_process as run_in_process
 from masc_jax import config_lib
-from masc_jax import main as main_module
 from masc_jax.data import arrays, fashion_mnist, registry
 from masc_jax.reporting import schema
 
@@ -170,16 +168,6 @@ def corrupt(folder, case: str) -> str:
     with open(path, "wb") as f:
       f.write(data)
   return name
-
-
-def run_in_process(argv):
-  """``python -m masc_jax.main ARGV``'s exit status, run in this process."""
-  flags.FLAGS.unparse_flags()
-  try:
-    main_module.main(main_module.parse_flags(["masc_jax.main", *argv]))
-  except SystemExit as e:
-    return e.code
-  return 0
 
 
 @pytest.mark.parametrize(

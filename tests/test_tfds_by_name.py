@@ -12,13 +12,11 @@ import subprocess
 
 import numpy as np
 import pytest
-from absl import flags
 
 import tfds_fixture
-from conftest import TINY_RUN_OVERRIDES
+from conftest import TINY_RUN_OVERRIDES, main_in_process as run_in_process
 from masc_jax import config_lib
-from masc_jax import main as main_module
-from masc_jax.data import arrays, registry, tfds_source
+from masc_jax.data import registry, tfds_source
 from masc_jax.reporting import schema
 
 
@@ -138,15 +136,6 @@ def test_statistics_go_to_the_user_cache_when_the_data_is_read_only(
     # The same copy elsewhere is another dataset directory: its own entry.
     other = tfds_source.describe("masc_rgb", data_dir)
     assert tfds_source.statistics_locations(other)[1] != where
-
-
-def run_in_process(argv):
-  flags.FLAGS.unparse_flags()
-  try:
-    main_module.main(main_module.parse_flags(["masc_jax.main", *argv]))
-  except SystemExit as e:
-    return e.code
-  return 0
 
 
 @pytest.mark.parametrize(
