@@ -73,6 +73,17 @@ TINY_RUN_OVERRIDES = [
 ]
 
 
+# The results.json fields that say what a run computed (timings and settings aside):
+# two runs that must agree are compared on these.
+COMPARED = (
+    "rows",
+    "group_accuracy",
+    "society_accuracy",
+    "collective_accuracy",
+    "directionality",
+)
+
+
 def main_in_process(argv):
   """``python -m masc_jax.main ARGV``'s exit status, run in this process."""
   from absl import flags

@@ -22,15 +22,7 @@ from masc_jax.training import checkpointing, train
 from masc_jax.training.society import build_society
 from masc_jax import config_lib
 from masc_jax.training import workdir as workdir_lib
-from conftest import REPO, run_main
-
-COMPARED = (
-    "rows",
-    "group_accuracy",
-    "society_accuracy",
-    "collective_accuracy",
-    "directionality",
-)
+from conftest import COMPARED, REPO, run_main
 
 
 def popen_main(workdir, *extra):

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import COMPARED, REPO
 from masc_jax import launch_local
 
 MAIN_ARGS = [
@@ -30,13 +30,6 @@ MAIN_ARGS = [
     "--config.ablations=False",
     "--config.batch_size=32",
 ]
-COMPARED = (
-    "rows",
-    "group_accuracy",
-    "society_accuracy",
-    "collective_accuracy",
-    "directionality",
-)
 
 
 def test_process_flags_come_from_the_flags_then_the_environment():

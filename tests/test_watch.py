@@ -22,17 +22,10 @@ from tensorboard.backend.event_processing import event_accumulator
 from masc_jax import config_lib
 from masc_jax.reporting import plots, tensorboard_log
 from masc_jax.training import train, workdir as workdir_lib
-from conftest import REPO, run_main
+from conftest import COMPARED, REPO, run_main
 
 # Two epochs in the first stage, so that eval_every_epochs=1 evaluates during it.
 OVERRIDES = ("ablations=False", "epochs.experts=2")
-COMPARED = (
-    "rows",
-    "group_accuracy",
-    "society_accuracy",
-    "collective_accuracy",
-    "directionality",
-)
 
 
 def read_events(run_dir):
