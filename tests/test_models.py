@@ -583,8 +583,17 @@ def test_feature_map_sizes_errors(hw, blocks, pools, match) -> None:
         ("bfloat16 (rounding makes ties)", (3, 8, 8, 5), "bf16"),
     ],
 )
+@pytest.mark.parametrize(
+    "pool",
+    [
+        kernels.max_pool_2x2,
+        kernels.max_pool_2x2_by_windows,
+        kernels.max_pool_2x2_by_reduce_window,
+    ],
+    ids=["as_dispatched", "by_windows", "by_reduce_window"],
+)
 def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(
-    name, shape, kind
+    name, shape, kind, pool
 ):
   rng = np.random.default_rng(0)
   x = rng.standard_normal(shape)
@@ -596,13 +605,29 @@ def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(
   x = jnp.asarray(x, dtype)
   reference = lambda a: nn.max_pool(a, (2, 2), strides=(2, 2))
   y_ref, vjp_ref = jax.vjp(reference, x)
-  y, vjp = jax.jit(lambda a: jax.vjp(kernels.max_pool_2x2, a))(x)
+  y, vjp = jax.jit(lambda a: jax.vjp(pool, a))(x)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref), err_msg=name)
   g = jnp.asarray(rng.standard_normal(y_ref.shape), dtype)
   np.testing.assert_array_equal(
       np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), err_msg=name
   )
   assert y.dtype == vjp(g)[0].dtype == dtype
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cpu"])
+def test_max_pool_2x2_lowers_to_its_backends_program(platform):
+  """TPU gets the reduce-window and its select-and-scatter; other backends
+  the reshaped windows with an elementwise backward pass."""
+  x = jnp.zeros((2, 8, 8, 4))
+  value_and_grad = jax.value_and_grad(lambda a: kernels.max_pool_2x2(a).sum())
+  text = (
+      jax.jit(value_and_grad)
+      .trace(x)
+      .lower(lowering_platforms=(platform,))
+      .as_text()
+  )
+  native = ("reduce_window" in text, "select_and_scatter" in text)
+  assert native == ((True, True) if platform == "tpu" else (False, False))
 
 
 # ----------------------------------------------------------------------------- mixed precision (bf16)

@@ -123,16 +123,35 @@ def conv3x3_pass(pass_name: str, impl: str, *args: jax.Array) -> jax.Array:
   return CONV_PASSES[pass_name][impl](*args)
 
 
-@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 stride-2 VALID max-pool: ``[..., H, W, C] -> [..., H//2, W//2, C]``.
 
-  Equal in value and gradient to ``nn.max_pool(x, (2, 2), strides=(2, 2))``
-  (the gradient goes to the first maximum of each window, row-major, as XLA's
-  select-and-scatter does), but its backward pass is elementwise: XLA:CPU
-  compiles the default one into a variadic reduce-window plus a scatter that
-  took a quarter of the expert step (BUILD_NOTES.md "Performance").
+  Two programs, equal in value and gradient (the gradient goes to the first
+  maximum of each window, row-major, as XLA's select-and-scatter does), one
+  per backend. XLA:CPU compiles the reduce-window's gradient into a variadic
+  reduce-window plus a scatter that took a quarter of the expert step
+  (BUILD_NOTES.md "Performance"), so there the windows are reshaped apart and
+  the backward pass is elementwise (``max_pool_2x2_by_windows``). On TPU that
+  reshape splits the sublane dimension (W) of the tiled layout and its max
+  is one of the largest fusions of the step by the compiler's cost model,
+  while the reduce-window and its select-and-scatter are native there.
   """
+  return jax.lax.platform_dependent(
+      x, tpu=max_pool_2x2_by_reduce_window, default=max_pool_2x2_by_windows
+  )
+
+
+def max_pool_2x2_by_reduce_window(x: jax.Array) -> jax.Array:
+  """``max_pool_2x2`` as one ``lax.reduce_window``; autodiff's gradient (select-and-scatter)."""
+  window = (1,) * (x.ndim - 3) + (2, 2, 1)
+  return jax.lax.reduce_window(
+      x, -jnp.inf, jax.lax.max, window, window, "VALID"
+  )
+
+
+@jax.custom_vjp
+def max_pool_2x2_by_windows(x: jax.Array) -> jax.Array:
+  """``max_pool_2x2`` over reshaped windows, with an elementwise backward pass."""
   return _pool_fwd(x)[0]
 
 
@@ -175,4 +194,4 @@ def _pool_bwd(res, g):
   return (dx,)
 
 
-max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
+max_pool_2x2_by_windows.defvjp(_pool_fwd, _pool_bwd)
