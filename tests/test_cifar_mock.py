@@ -11,8 +11,12 @@ from unittest import mock
 from masc_jax import config_lib
 from masc_jax.training import train
 
-# The paper's block/pool layout with very narrow widths, so it compiles quickly.
+# The paper's block/pool layout with very narrow widths, so it compiles quickly;
+# one vmapped program for the 4 agents (CPU's default unrolls them: 4 copies of
+# 13 blocks to compile). vmap and unroll are equal step for step
+# (tests/test_agents.py); this test is about the CIFAR path through the stages.
 NARROW = [
+    "agent_map=vmap",
     "model.expert_widths=(4,4,4,4,4,4,4,4,4,4,4,4,4)",
     "model.collective_widths=(4,4,4,4,4,4,4,4,4,4,4,4,8)",
     "model.head_hidden=(16,)",
