@@ -585,12 +585,9 @@ def test_feature_map_sizes_errors(hw, blocks, pools, match) -> None:
 )
 @pytest.mark.parametrize(
     "pool",
-    [
-        kernels.max_pool_2x2,
-        kernels.max_pool_2x2_by_windows,
-        kernels.max_pool_2x2_by_reduce_window,
-    ],
-    ids=["as_dispatched", "by_windows", "by_reduce_window"],
+    # TPU's program is Flax's pool itself, the reference: lowered, not compared.
+    [kernels.max_pool_2x2, kernels.max_pool_2x2_by_windows],
+    ids=["as_dispatched", "by_windows"],
 )
 def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(
     name, shape, kind, pool

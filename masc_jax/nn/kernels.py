@@ -13,6 +13,9 @@ tests/test_conv_tuning.py).
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -137,15 +140,10 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   while the reduce-window and its select-and-scatter are native there.
   """
   return jax.lax.platform_dependent(
-      x, tpu=max_pool_2x2_by_reduce_window, default=max_pool_2x2_by_windows
-  )
-
-
-def max_pool_2x2_by_reduce_window(x: jax.Array) -> jax.Array:
-  """``max_pool_2x2`` as one ``lax.reduce_window``; autodiff's gradient (select-and-scatter)."""
-  window = (1,) * (x.ndim - 3) + (2, 2, 1)
-  return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, window, window, "VALID"
+      x,
+      # Flax's pool: one lax.reduce_window; autodiff's gradient, select-and-scatter.
+      tpu=functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2)),
+      default=max_pool_2x2_by_windows,
   )
 
 
