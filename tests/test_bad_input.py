@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_main, main_in_process as run
+from conftest import MID_STAGE_CHECKPOINTS, run_main, main_in_process as run
 
 FILE = "{tmp}/a_file"
 
@@ -290,8 +290,15 @@ def test_a_full_filesystem_stops_the_run_with_one_line(tmp_path):
   with tracebacks, which must not reach the console.
   """
   with tmpfs(tmp_path / "full", "size=48k") as full:
+    # Checkpoints inside the first stage, so that a save is the first write
+    # that does not fit (before the logs of a whole stage have filled the disk).
     result = run_main(
-        ["--config=tiny", f"--workdir={full}/run", "--config.ablations=False"]
+        [
+            "--config=tiny",
+            f"--workdir={full}/run",
+            "--config.ablations=False",
+            f"--config.{MID_STAGE_CHECKPOINTS}",
+        ]
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip() == (

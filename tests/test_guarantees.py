@@ -30,7 +30,7 @@ from masc_jax.method import losses, steps
 from masc_jax.reporting import progress
 from masc_jax.parallel import sharding
 from masc_jax.training.step_log import NonFiniteLossError, StepLog
-from conftest import REPO, run_main
+from conftest import MID_STAGE_CHECKPOINTS, REPO, run_main
 
 MAIN_ROWS = ("before_growth", "after_growth", "cc_only")
 TINY = ["--config=tiny", "--config.ablations=False"]
@@ -83,8 +83,9 @@ def assert_main_rows_equal(workdir, reference):
 
 @pytest.fixture(scope="module")
 def tiny_steps():
-  """Steps per stage of the tiny config (experts, collective, altruism) and the checkpoint interval."""
-  config = config_lib.load_config("tiny")
+  """Steps per stage of the tiny config (experts, collective, altruism) and the
+  checkpoint interval of ``MID_STAGE_CHECKPOINTS``."""
+  config = config_lib.load_config("tiny", [MID_STAGE_CHECKPOINTS])
   society = build_society(config)
   per_stage = {
       spec.name: protocol.total_steps(society, spec)
@@ -106,13 +107,14 @@ def test_killed_during_a_save_mid_stage_and_between_stages_resumes_exactly(
   """
   per_stage, every = tiny_steps
   workdir = str(tmp_path / "run")
+  mid_stage = f"--config.{MID_STAGE_CHECKPOINTS}"
   # 1. Inside the first save (experts step `every`): files written, not yet committed.
-  first = run_tiny(workdir, fault="KILL:commit:experts:1")
+  first = run_tiny(workdir, mid_stage, fault="KILL:commit:experts:1")
   assert first.returncode == -9, first.stderr[-2000:]
   assert unfinished_saves(workdir) and committed_steps(workdir) == []
   # 2. Nothing committed: starts over (and cleans up the unfinished save); killed right after
   #    the collective's stage-end save was started.
-  second = run_tiny(workdir, fault="KILL:stage_saved:collective:1")
+  second = run_tiny(workdir, mid_stage, fault="KILL:stage_saved:collective:1")
   assert second.returncode == -9
   assert resumed_from(second.stdout) is None
   assert "[collective] done:" in second.stdout
@@ -122,12 +124,12 @@ def test_killed_during_a_save_mid_stage_and_between_stages_resumes_exactly(
       and max(kept) >= per_stage["experts"] + per_stage["collective"] - every
   )
   # 3. Resumes from the newest committed checkpoint; killed after altruism step 5.
-  third = run_tiny(workdir, fault="KILL:step:altruism:5")
+  third = run_tiny(workdir, mid_stage, fault="KILL:step:altruism:5")
   assert third.returncode == -9
   assert resumed_from(third.stdout)[0] == max(kept)
   kept = committed_steps(workdir)
   # 4. Finishes from the newest committed checkpoint, to the uninterrupted results.
-  final = run_tiny(workdir)
+  final = run_tiny(workdir, mid_stage)
   assert final.returncode == 0, final.stderr[-2000:]
   assert resumed_from(final.stdout)[0] == max(kept)
   assert not unfinished_saves(workdir)

@@ -16,6 +16,7 @@ from masc_jax.method import metrics
 from masc_jax.training import checkpointing, protocol, train
 from masc_jax.training.society import build_society
 from masc_jax.reporting import report
+from conftest import MID_STAGE_CHECKPOINTS
 
 ROWS = ("before_growth", "after_growth", "cc_only", "ra_only")
 
@@ -127,7 +128,9 @@ def test_a_finished_run_reports_without_training(tiny_run):
   workdir, results, _ = tiny_run
   lines = []
   again = train.train_and_evaluate(
-      config_lib.load_config("tiny"), workdir, log=lines.append
+      config_lib.load_config("tiny", [MID_STAGE_CHECKPOINTS]),
+      workdir,
+      log=lines.append,
   )
   assert any("this run is finished" in l for l in lines)
   assert not any("| ETA" in l for l in lines)
@@ -144,7 +147,7 @@ def test_a_checkpoint_without_the_member_axis_resumes_to_the_same_results(
   with the axis added and ends with the uninterrupted run's results."""
   workdir = str(tmp_path / "run")
   shutil.copytree(tiny_run[0], workdir)
-  config = config_lib.load_config("tiny")
+  config = config_lib.load_config("tiny", [MID_STAGE_CHECKPOINTS])
   society = build_society(config)
   run = train.Run(society, workdir, log=lambda _: None)
   abstract = jax.eval_shape(

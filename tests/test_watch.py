@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from masc_jax import config_lib
 from masc_jax.reporting import plots, tensorboard_log
 from masc_jax.training import train, workdir as workdir_lib
-from conftest import COMPARED, REPO, run_main
+from conftest import COMPARED, MID_STAGE_CHECKPOINTS, REPO, run_main
 
 # Two epochs in the first stage, so that eval_every_epochs=1 evaluates during it.
 OVERRIDES = ("ablations=False", "epochs.experts=2")
@@ -73,6 +73,7 @@ def interrupted(tmp_path_factory):
       f"--workdir={workdir}",
       *(f"--config.{o}" for o in OVERRIDES),
       "--config.eval_every_epochs=1",
+      f"--config.{MID_STAGE_CHECKPOINTS}",
   ]
   # Experts: 16 steps an epoch, checkpoints every 10, so the kill after step 18
   # loses the evaluation at step 16 and the log point at 15, written after the
