@@ -24,6 +24,6 @@ def get_config(arg: str | None = None):
   config.log_every_steps = 5
   # digits' checkpoint interval (500 steps) is longer than any tiny stage, so
   # tiny saves at stage ends only: a save of its 100 small arrays takes about
-  # 0.3 s on a 2-core host, longer than ten tiny steps. Runs that need checkpoints
-  # inside a stage set --config.checkpoint_every_steps.
+  # 0.3 s on a 2-core host, longer than ten tiny steps. Runs that need
+  # checkpoints inside a stage set --config.checkpoint_every_steps.
   return config
