@@ -1,5 +1,6 @@
 """Shared fixtures: one tiny end-to-end run reused by every test that reads its outputs."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -9,12 +10,16 @@ import tempfile
 # One persistent compilation cache for the whole session, set before JAX is imported so
 # that in-process runs and every subprocess (which inherits the environment) share it:
 # the many tiny runs of the suite then compile each program once. Runs' results do not
-# depend on it (a cached executable is the one that was compiled).
+# depend on it (a cached executable is the one that was compiled). The size limit
+# makes every process lock the folder around its reads and writes, as a run's
+# own setting does (masc_jax.parallel.compile_cache): the suite's two worker
+# processes and their subprocesses compile at the same time.
 _SESSION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _SESSION_CACHE = tempfile.mkdtemp(prefix="masc_test_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
 
 
 # The suite runs on the CPU. With libtpu installed (the test extra installs it for
@@ -22,6 +27,63 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # libtpu's "no TPU here" lines on stderr, in this process and in every subprocess,
 # which inherit this environment.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _pin_xdist_worker():
+  """Gives each pytest-xdist worker its own share of the CPUs (Linux).
+
+  The suite runs in two worker processes (pyproject's addopts). Unpinned, each
+  worker's XLA sizes its thread pool to every CPU, and two pools on two cores
+  spend their time waiting for each other; pinned, XLA sees only the worker's
+  CPUs (and so do the subprocesses it starts, which inherit the affinity).
+  With more workers than CPUs nothing is pinned.
+  """
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+  count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+  if not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+    return
+  cpus = sorted(os.sched_getaffinity(0))
+  if count < 2 or count > len(cpus):
+    return
+  os.sched_setaffinity(0, cpus[int(worker[2:]) :: count])
+
+
+_pin_xdist_worker()
+
+
+# Modules whose tests share an expensive fixture (a module fixture, or the
+# session's tiny_run) and so run on one worker, with the name of their unit of
+# work. Every other test is a unit of its own.
+SHARED_FIXTURE_UNITS = {
+    "tests/test_faults.py": "tiny_run",  # and its preempted run
+    "tests/test_train.py": "tiny_run",
+    "tests/test_multiprocess.py": "multiprocess",  # the one-process reference
+    "tests/test_population.py": "population",  # the trained population
+    "tests/test_preflight.py": "preflight",  # tiny compiled for a v5e-4
+    "tests/test_sharding.py": "sharding",  # the 8-device workers' steps
+    "tests/test_tfds_by_name.py": "tfds_by_name",  # the prepared dataset
+    "tests/test_watch.py": "watch",  # the reference and interrupted runs
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """pytest-xdist's load scheduling, with ``SHARED_FIXTURE_UNITS`` kept whole.
+
+  xdist's scope scheduling hands out units of work, the largest first; a unit
+  here is a module of ``SHARED_FIXTURE_UNITS`` (so its fixture is built on
+  one worker only) or a single test. Only for the default distribution
+  (``-n N`` alone); ``--dist`` chooses xdist's own.
+  """
+  if config.getvalue("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class SharedFixtureScheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      return SHARED_FIXTURE_UNITS.get(nodeid.split("::", 1)[0], nodeid)
+
+  return SharedFixtureScheduling(config, log)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -59,6 +121,35 @@ def tiny_run(tmp_path_factory):
   config = config_lib.load_config("tiny", [MID_STAGE_CHECKPOINTS])
   results = train.train_and_evaluate(config, workdir, log=lines.append)
   return workdir, results, lines
+
+
+# Runs that mostly compile (a few steps of dozens of programs that no other test
+# shares) turn most of XLA's optimisation off: jax's
+# ``jax_disable_most_optimizations`` (LLVM at -O0 on the CPU), which compiles
+# 2-3x faster here, the losses within 1e-6 of the default's. Every pair of runs
+# a test compares is compiled at the same setting, so exact comparisons stay
+# exact; tests that compare with a run at the default setting don't use it.
+def quick_compile_env(env):
+  """``env`` for a subprocess whose programs compile with most optimisation off."""
+  return {**env, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+@contextlib.contextmanager
+def quick_compile():
+  """Programs compiled inside the block have most optimisation off (this process)."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def quickly_compiled():
+  """The test's programs compile with most optimisation off (``quick_compile``)."""
+  with quick_compile():
+    yield
 
 
 # Overrides for a fast end-to-end run of a 10-class 32x32 dataset (K=5): very

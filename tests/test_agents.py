@@ -19,6 +19,10 @@ from masc_jax.method import agents, losses, steps
 from masc_jax.nn import network
 from conftest import random_variables
 
+# Each test compares programs it compiles itself, for a few steps: compiled
+# with most of XLA's optimisation off (conftest.quick_compile).
+pytestmark = pytest.mark.usefixtures("quickly_compiled")
+
 STRATEGIES = ("vmap", "unroll")
 
 

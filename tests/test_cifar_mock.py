@@ -48,7 +48,11 @@ def mock_cifar(num_examples):
     yield
 
 
-def test_cifar100_protocol_runs_every_stage_on_mock_data(tmp_path):
+# Most of the test is compiling 13-block networks for a few steps each: it runs
+# with most of XLA's optimisation off (conftest.quick_compile).
+def test_cifar100_protocol_runs_every_stage_on_mock_data(
+    tmp_path, quickly_compiled
+):
   config = config_lib.load_config("cifar100", NARROW)
   assert config.num_agents == 4 and config.model.pool_after == (1, 3, 6, 9, 12)
   lines = []

@@ -1,6 +1,8 @@
 """Where the persistent compilation cache goes: flag, then environment, then a per-CPU default."""
 
 import os
+import subprocess
+import sys
 
 from masc_jax.parallel import compile_cache
 
@@ -51,3 +53,39 @@ def test_the_default_folder_is_named_after_this_cpu():
       os.path.basename(compile_cache.default_directory({"HOME": "/h"}))
       == expected
   )
+
+
+def _compile_once(cache_dir, environ):
+  """A fresh process: ``enable(cache_dir)``, then one program compiled."""
+  code = (
+      "import jax\n"
+      "from masc_jax.parallel import compile_cache\n"
+      f"compile_cache.enable({cache_dir!r})\n"
+      "jax.jit(lambda x: x * 2 + 1)(jax.numpy.ones(3)).block_until_ready()\n"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", code],
+      env=environ,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  return sorted(os.listdir(cache_dir))
+
+
+def test_a_shared_cache_is_locked_unless_jax_is_told_otherwise(tmp_path):
+  """JAX locks the folder (its ``.lockfile``) only under a size limit: ``enable``
+  sets one, and leaves ``$JAX_COMPILATION_CACHE_MAX_SIZE`` in force."""
+  environ = {
+      k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPIL")
+  }
+  locked = _compile_once(str(tmp_path / "ours"), environ)
+  assert ".lockfile" in locked
+  assert any(name.endswith("-cache") for name in locked), locked
+  unlimited = _compile_once(
+      str(tmp_path / "theirs"),
+      {**environ, "JAX_COMPILATION_CACHE_MAX_SIZE": "-1"},
+  )
+  assert ".lockfile" not in unlimited
+  assert any(name.endswith("-cache") for name in unlimited), unlimited

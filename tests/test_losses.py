@@ -18,6 +18,10 @@ from scipy import special, stats
 
 from masc_jax.method import losses
 
+# Each test compares programs it compiles itself, for a few steps: compiled
+# with most of XLA's optimisation off (conftest.quick_compile).
+pytestmark = pytest.mark.usefixtures("quickly_compiled")
+
 B, C, K = 6, 5, 3
 # A non-contiguous, non-palindromic owner map (agent 2 owns class 0, ...) so that any
 # "class c belongs to agent c // (C // K)" shortcut would fail.

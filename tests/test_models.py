@@ -19,6 +19,10 @@ import pytest
 
 from masc_jax.nn import conv, kernels, network
 
+# Each test compares programs it compiles itself, for a few steps: compiled
+# with most of XLA's optimisation off (conftest.quick_compile).
+pytestmark = pytest.mark.usefixtures("quickly_compiled")
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

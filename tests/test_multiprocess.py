@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import COMPARED, REPO
+from conftest import COMPARED, REPO, quick_compile_env
 from masc_jax import launch_local
 
 MAIN_ARGS = [
@@ -64,12 +64,14 @@ def test_process_flags_come_from_the_flags_then_the_environment():
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("xla_cache"))
-  return {
-      **os.environ,
-      "JAX_COMPILATION_CACHE_DIR": cache,
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-      "JAX_PLATFORMS": "cpu",
-  }
+  return quick_compile_env(
+      {
+          **os.environ,
+          "JAX_COMPILATION_CACHE_DIR": cache,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PLATFORMS": "cpu",
+      }
+  )
 
 
 def two_processes(env, workdir, *extra, fault=None):

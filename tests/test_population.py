@@ -18,7 +18,7 @@ from masc_jax.reporting import tensorboard_log
 from masc_jax.training import population, protocol, train, workdir as workdir_lib
 from masc_jax.training.society import build_society
 from masc_jax.training.step_log import NonFiniteLossError
-from conftest import run_main
+from conftest import quick_compile, run_main
 
 # Two seeds crossed with two values of a swept loss weight: P = 4.
 POPULATION = ["ablations=False", "seeds=3,5", "sweep=loss.align_weight=0.1,0.3"]
@@ -127,18 +127,23 @@ def initial_state(society):
 
 @pytest.fixture(scope="module")
 def single_runs_three_steps():
-  """Members 0 and 3 of the population as single runs: three steps of every stage."""
+  """Members 0 and 3 of the population as single runs: three steps of every stage.
+
+  Compiled with most optimisation off, as are the populations compared with them
+  (``quickly_compiled``): three steps of many programs, mostly compiling.
+  """
   members = config_lib.members_of(config_lib.load_config("tiny", POPULATION))
   out = {}
-  for p in (0, 3):
-    society = build_society(single_config(members[p]))
-    out[p] = three_steps_per_stage(society, *initial_state(society))
+  with quick_compile():
+    for p in (0, 3):
+      society = build_society(single_config(members[p]))
+      out[p] = three_steps_per_stage(society, *initial_state(society))
   return out
 
 
 @pytest.mark.parametrize("strategy", ["loop", "threads", "unroll", "vmap"])
 def test_members_match_their_single_runs_step_by_step(
-    single_runs_three_steps, strategy
+    single_runs_three_steps, strategy, quickly_compiled
 ):
   """Each member's losses and parameters after three steps of every stage match its
   single run's: identical where the computation is the same (``loop`` and ``threads`` run each
@@ -191,7 +196,9 @@ def test_members_match_their_single_runs_step_by_step(
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5, err_msg=stage)
 
 
-def test_members_side_by_side_on_threads_equal_members_in_turn():
+def test_members_side_by_side_on_threads_equal_members_in_turn(
+    quickly_compiled,
+):
   """``threads`` through the training loop's path (states kept apart, ``step_members``,
   stacked at the end) gives the same bits as ``loop`` through the stacked step, in a stage
   with frozen models and a swept setting (each member must get its own of both).

@@ -51,11 +51,11 @@ def tiny_on_v5e_4(tmp_path_factory):
   return check, report, workdir, lines
 
 
-def run_command(args, tmp_path):
+def run_command(args, tmp_path, env_extra=None):
   out = subprocess.run(
       [sys.executable, "-m", "masc_jax.main", "--config=tiny", *args],
       cwd=REPO,
-      env={**os.environ, "PYTHONPATH": REPO},
+      env={**os.environ, "PYTHONPATH": REPO, **(env_extra or {})},
       capture_output=True,
       text=True,
       timeout=600,
@@ -194,16 +194,18 @@ def test_slice_devices_are_in_the_order_a_multi_process_run_sees():
 
 
 def test_multi_host_slice_through_the_command(tmp_path):
+  """Twice, with one persistent compilation cache: the second pre-flight finds
+  nothing compiled for the TPU there (no TPU here could read it back, and JAX
+  would warn that it cannot)."""
   workdir = tmp_path / "run"
+  args = ["--compile_for=v5e-16", "--preflight_stages=experts"]
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+  run_command([*args, f"--workdir={tmp_path / 'first'}"], tmp_path, cache)
   status, out, err = run_command(
-      [
-          "--compile_for=v5e-16",
-          "--preflight_stages=experts",
-          f"--workdir={workdir}",
-      ],
-      tmp_path,
+      [*args, f"--workdir={workdir}"], tmp_path, cache
   )
   assert status == 0, err[-3000:]
+  assert "Error reading persistent compilation cache entry" not in err
   report = json.loads((workdir / "preflight.json").read_text())
   assert report["slice"]["devices"] == 16
   assert report["slice"]["processes"] == 4

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, quick_compile_env
 from masc_jax import config_lib
 from masc_jax.data import registry, shape_only
 from masc_jax.preflight import chips, costs, hlo, report, topology
@@ -254,7 +254,7 @@ def test_the_preflight_compiles_the_runs_own_programs():
       ]
       + args,
       cwd=REPO,
-      env={**os.environ, "JAX_NUM_CPU_DEVICES": "4"},
+      env=quick_compile_env({**os.environ, "JAX_NUM_CPU_DEVICES": "4"}),
       capture_output=True,
       text=True,
       timeout=900,

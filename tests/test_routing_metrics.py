@@ -17,6 +17,10 @@ from scipy import special
 
 from masc_jax.method import metrics, routing
 
+# Each test compares programs it compiles itself, for a few steps: compiled
+# with most of XLA's optimisation off (conftest.quick_compile).
+pytestmark = pytest.mark.usefixtures("quickly_compiled")
+
 
 def _logits(shape, seed=0, scale=3.0) -> np.ndarray:
   return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(

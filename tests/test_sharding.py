@@ -8,13 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, quick_compile_env
 
 WORKER = os.path.join(REPO, "tests", "sharding_worker.py")
 
 
 def run_worker(*args):
-  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8"}
+  env = quick_compile_env({**os.environ, "JAX_NUM_CPU_DEVICES": "8"})
   out = subprocess.run(
       [sys.executable, WORKER, *map(str, args)],
       cwd=REPO,

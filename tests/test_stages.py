@@ -23,6 +23,10 @@ from masc_jax.nn import network
 from masc_jax.training import protocol
 from conftest import random_variables
 
+# Each test compares programs it compiles itself, for a few steps: compiled
+# with most of XLA's optimisation off (conftest.quick_compile).
+pytestmark = pytest.mark.usefixtures("quickly_compiled")
+
 K, B, C = 3, 4, 6
 CLASS_OWNER = jnp.array([1, 0, 2, 0, 2, 1])  # agent owning each class
 EXPERT = network.Network(

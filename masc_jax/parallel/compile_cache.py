@@ -12,8 +12,14 @@ Where it lives, first that applies:
 
 The default folder is named after the CPU's architecture and instruction-set
 flags, so a home directory shared by AVX2 and AVX-512 machines never hands one
-of them an executable compiled for the other. Entries are written whole
-(JAX writes a temporary file and renames it), so runs may share a cache.
+of them an executable compiled for the other.
+
+Runs may share a cache, and the processes of one run do. JAX writes an entry
+in place, so a process could read another's half-written entry (JAX then warns
+and compiles the program again); with a size limit, JAX takes a file lock
+around every read and write instead. ``enable`` sets one: ``MAX_BYTES``, the
+least recently used entries evicted beyond it, unless
+``$JAX_COMPILATION_CACHE_MAX_SIZE`` sets JAX's own.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import os
 import platform
 
 OFF = ("none", "off", "")
+# Far more than a run's programs take (the tiny config's: 1.3 MB on disk).
+MAX_BYTES = 8 * 2**30
 
 
 def cpu_tag() -> str:
@@ -87,4 +95,7 @@ def enable(flag_value: str | None = None) -> str | None:
   if directory is not None:
     jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    # A limit makes JAX lock the folder around reads and writes (module doc).
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")

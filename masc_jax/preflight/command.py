@@ -11,6 +11,7 @@ on; the return value is then 1.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import platform
@@ -25,6 +26,27 @@ from masc_jax.data import arrays
 from masc_jax.data import batches as batches_lib
 from masc_jax.parallel import sharding
 from masc_jax.preflight import chips, costs, report as report_lib, topology
+
+
+@contextlib.contextmanager
+def not_cached_on_disk():
+  """Programs compiled inside the block are not written to JAX's persistent cache.
+
+  A program compiled for a TPU topology, with no TPU here, could be written
+  but not read back (that needs the TPU's client): JAX would warn and compile
+  it again on the next pre-flight. JAX decides once per process whether to use
+  the cache at all, so the block raises the minimum compile time of an entry
+  worth writing instead.
+  """
+  import jax
+
+  name = "jax_persistent_cache_min_compile_time_secs"
+  before = getattr(jax.config, name)
+  jax.config.update(name, float("inf"))
+  try:
+    yield
+  finally:
+    jax.config.update(name, before)
 
 
 class PreflightInputError(ValueError):
@@ -220,7 +242,8 @@ class Preflight:
     }
     start = time.perf_counter()
     try:
-      compiled = program.lower().compile()
+      with not_cached_on_disk():
+        compiled = program.lower().compile()
     except jax.errors.JaxRuntimeError as e:
       entry["compile_seconds"] = time.perf_counter() - start
       message = _one_line(e)
