@@ -69,9 +69,9 @@ SHARED_FIXTURE_UNITS = {
 def pytest_xdist_make_scheduler(config, log):
   """pytest-xdist's load scheduling, with ``SHARED_FIXTURE_UNITS`` kept whole.
 
-  xdist's scope scheduling hands out units of work, the largest first; a unit
-  here is a module of ``SHARED_FIXTURE_UNITS`` (so its fixture is built on
-  one worker only) or a single test. Only for the default distribution
+  xdist's scope scheduling hands out units of work, those with the most tests
+  first; a unit here is a module of ``SHARED_FIXTURE_UNITS`` (so its fixture
+  is built on one worker only) or a single test. Only for the default distribution
   (``-n N`` alone); ``--dist`` chooses xdist's own.
   """
   if config.getvalue("dist") != "load":
