@@ -19,7 +19,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _SESSION_CACHE = tempfile.mkdtemp(prefix="masc_test_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
+  from masc_jax.parallel import compile_cache  # no JAX import: safe here
+
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(compile_cache.MAX_BYTES)
 
 
 # The suite runs on the CPU. With libtpu installed (the test extra installs it for
